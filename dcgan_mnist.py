@@ -1,0 +1,191 @@
+"""A deep convolutional GAN on MNIST, following Radford et al. 2015 (DCGAN).
+
+    python dcgan_mnist.py --epochs 20                  # train; outputs in results/dcgan_mnist/
+    python dcgan_mnist.py --arch 64 --out results/dcgan64   # the seeds' big 64x64 model
+    python dcgan_mnist.py --generate 100 --samples-npz s.npz   # sample the trained run
+
+The DCGAN guidelines, as built here: G upsamples with transposed (fractionally strided)
+convolutions, D downsamples with strided convolutions, no pooling; batch norm in every layer except
+G's output and D's input; ReLU in G with a tanh output, LeakyReLU(0.2) in D; Adam 2e-4, beta1 0.5;
+weights drawn from N(0, 0.02). Three presets (--arch) set the resolution and the layer widths.
+"""
+
+import keras
+import tensorflow as tf
+
+import utils
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.
+# None means "the value of the chosen --arch preset", from PRESETS below.
+# ------------------------------------------------------------------------------------------------
+# Architecture
+ARCH = "28"  # preset: 28 (native 28x28), 32 (DCGAN_Tensorflow seed, padded), 64 (znxlwm's, resized)
+LATENT_DIM = None  # size of the noise vector z ~ N(0, I)
+KERNEL_SIZE = None  # side of every (transposed) convolution kernel
+LEAKY_SLOPE = 0.2  # slope of D's LeakyReLU for negative inputs (Radford et al.)
+BN_MOMENTUM = 0.9  # batch-norm moving-average momentum; PyTorch's default, so sampling works from epoch 1
+# Training length and data
+EPOCHS = 20  # Radford et al.'s MNIST length; digits are legible after a few epochs
+BATCH_SIZE = None  # images per step
+LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
+# Optimisation
+LR = 2e-4  # Adam learning rate for both networks (Radford et al.)
+BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscillate
+# Bookkeeping
+SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
+SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
+
+# The presets: resolution, how MNIST's 28x28 gets there, layer widths, and their own defaults.
+# G projects z to g_start, then each transposed convolution doubles the side; D halves it with
+# each strided convolution, then one dense layer gives the logit.
+PRESETS = {
+    # Native 28x28. G: z(100) -> 7x7x256 -> 14x14x128 -> 28x28x1.
+    #               D: 28x28x1 -> 14x14x64 -> 7x7x128 -> 1.
+    "28": dict(image_size=28, transform="none", batch_size=128, latent_dim=100, kernel_size=5,
+               g_start=(7, 7, 256), g_channels=(128, 1), d_channels=(64, 128)),
+    # The DCGAN_Tensorflow seed, MNIST zero-padded to 32x32.
+    #   G: z(200) -> 1x1x512 -> 2x2x256 -> 4x4x128 -> 8x8x64 -> 16x16x32 -> 32x32x1.
+    #   D: 32x32x1 -> 16x16x32 -> 8x8x64 -> 4x4x128 -> 2x2x256 -> 1.
+    "32": dict(image_size=32, transform="pad", batch_size=64, latent_dim=200, kernel_size=4,
+               g_start=(1, 1, 512), g_channels=(256, 128, 64, 32, 1), d_channels=(32, 64, 128, 256)),
+    # The seeds' big model (znxlwm, MINGUKKANG), MNIST resized to 64x64.
+    #   G: z(100) -> 4x4x1024 -> 8x8x512 -> 16x16x256 -> 32x32x128 -> 64x64x1.
+    #   D: 64x64x1 -> 32x32x128 -> 16x16x256 -> 8x8x512 -> 4x4x1024 -> 1.
+    "64": dict(image_size=64, transform="resize", batch_size=100, latent_dim=100, kernel_size=4,
+               g_start=(4, 4, 1024), g_channels=(512, 256, 128, 1), d_channels=(128, 256, 512, 1024)),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The two models
+# ------------------------------------------------------------------------------------------------
+
+
+def weights():
+    """Radford et al.'s initialisation: every convolution and dense weight from N(0, 0.02)."""
+    return keras.initializers.RandomNormal(0.0, 0.02)
+
+
+def batch_norm(config):
+    """Batch norm with its scale drawn from N(1, 0.02), as in the DCGAN reference code."""
+    return keras.layers.BatchNormalization(momentum=config.bn_momentum, epsilon=1e-5,
+                                           gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02))
+
+
+def build_generator(config, preset):
+    """G: z -> dense projection to g_start -> transposed convolutions, each doubling the side -> tanh."""
+    height, width, channels = preset["g_start"]
+    layers = [
+        keras.Input((config.latent_dim,)),                                         # (N, z)
+        keras.layers.Dense(height * width * channels, use_bias=False, kernel_initializer=weights()),
+        batch_norm(config),
+        keras.layers.ReLU(),
+        keras.layers.Reshape((height, width, channels)),                           # (N, h, w, c)
+    ]
+    for index, channels in enumerate(preset["g_channels"]):
+        is_output = index == len(preset["g_channels"]) - 1
+        # (N, h, w, c) -> (N, 2h, 2w, channels); no batch norm on the output, which is tanh.
+        layers.append(keras.layers.Conv2DTranspose(
+            channels, config.kernel_size, strides=2, padding="same", use_bias=is_output,
+            kernel_initializer=weights(), activation="tanh" if is_output else None))
+        if not is_output:
+            layers += [batch_norm(config), keras.layers.ReLU()]
+    return keras.Sequential(layers, name="generator")
+
+
+def build_discriminator(config, preset):
+    """D: image -> strided convolutions, each halving the side -> dense -> 1 logit."""
+    size = preset["image_size"]
+    layers = [keras.Input((size, size, 1))]                                        # (N, S, S, 1)
+    for index, channels in enumerate(preset["d_channels"]):
+        # (N, s, s, c) -> (N, s/2, s/2, channels); no batch norm on the input layer.
+        layers.append(keras.layers.Conv2D(channels, config.kernel_size, strides=2, padding="same",
+                                          use_bias=index == 0, kernel_initializer=weights()))
+        if index > 0:
+            layers.append(batch_norm(config))
+        layers.append(keras.layers.LeakyReLU(config.leaky_slope))
+    layers += [
+        keras.layers.Flatten(),
+        keras.layers.Dense(1, kernel_initializer=weights()),                       # (N, 1) logit
+    ]
+    return keras.Sequential(layers, name="discriminator")
+
+
+# ------------------------------------------------------------------------------------------------
+# The losses: binary cross-entropy on logits
+# ------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, target):
+    """Mean binary cross-entropy of sigmoid(logits) against a constant target (1: real, 0: fake)."""
+    labels = tf.fill(tf.shape(logits), target)
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def discriminator_loss(real_logits, fake_logits):
+    """-[log D(x) + log(1 - D(G(z)))]: D is rewarded for calling real images real and fakes fake."""
+    return cross_entropy(real_logits, 1.0) + cross_entropy(fake_logits, 0.0)
+
+
+def generator_loss(fake_logits):
+    """-log D(G(z)): the non-saturating generator loss, strong gradients even while D wins."""
+    return cross_entropy(fake_logits, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS)
+    preset = PRESETS[config.arch]
+    run = utils.RunDirectory(config.out)
+    if config.generate:
+        utils.generate(config, run)
+        return
+
+    size = preset["image_size"]
+    images = utils.load_training_images(config, size, preset["transform"])  # (60000, S, S, 1) in [-1, 1]
+    run.create()
+
+    keras.utils.set_random_seed(config.seed)
+    generator = build_generator(config, preset)
+    discriminator = build_discriminator(config, preset)
+    g_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
+    d_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
+    # Create the optimizers' slots now, eagerly, so the traced step does not create variables.
+    g_optimizer.build(generator.trainable_variables)
+    d_optimizer.build(discriminator.trainable_variables)
+    noise_rng = tf.random.Generator.from_seed(config.seed)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)])
+    def train_step(real_images):
+        batch_size = tf.shape(real_images)[0]
+
+        # update D: maximize log D(x) + log(1 - D(G(z)))
+        noise = noise_rng.normal((batch_size, config.latent_dim))
+        with tf.GradientTape() as tape:
+            fake_images = generator(noise, training=True)
+            real_logits = discriminator(real_images, training=True)
+            fake_logits = discriminator(fake_images, training=True)
+            d_loss = discriminator_loss(real_logits, fake_logits)
+        gradients = tape.gradient(d_loss, discriminator.trainable_variables)
+        d_optimizer.apply_gradients(zip(gradients, discriminator.trainable_variables))
+
+        # update G: maximize log D(G(z)) on fresh noise, against the D just updated
+        noise = noise_rng.normal((batch_size, config.latent_dim))
+        with tf.GradientTape() as tape:
+            g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
+        gradients = tape.gradient(g_loss, generator.trainable_variables)
+        g_optimizer.apply_gradients(zip(gradients, generator.trainable_variables))
+
+        return {"d_loss": d_loss, "g_loss": g_loss,
+                "d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
+
+    utils.train(config, run, images, train_step, generator, preset["transform"])
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

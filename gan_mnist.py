@@ -1,0 +1,148 @@
+"""A fully-connected GAN on MNIST (Goodfellow et al. 2014), after znxlwm's tensorflow-MNIST-GAN-DCGAN.
+
+    python gan_mnist.py --epochs 100                  # train; outputs in results/gan_mnist/
+    python gan_mnist.py --generate 100 --samples-npz s.npz   # sample the trained run
+
+G maps z ~ N(0, I) through dense layers to a 28x28 image in [-1, 1]; D maps an image through dense
+layers to one logit. Both are trained with the non-saturating loss (binary cross-entropy on logits).
+"""
+
+import keras
+import tensorflow as tf
+
+import utils
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.
+# ------------------------------------------------------------------------------------------------
+# Training length and data
+EPOCHS = 100  # znxlwm's length; a fully-connected GAN needs many epochs to sharpen its digits
+BATCH_SIZE = 100  # znxlwm's batch size: 600 steps per epoch on the 60,000 training images
+LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
+# Models
+LATENT_DIM = 100  # size of the noise vector z ~ N(0, I) that G maps to an image
+LEAKY_SLOPE = 0.2  # slope of LeakyReLU for negative inputs, in G and D, as in the seed
+DROPOUT = 0.3  # dropout after each hidden layer of D, so D cannot memorise the training set
+# Optimisation
+LR = 2e-4  # Adam learning rate for both networks (Radford et al. 2015)
+BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
+# Bookkeeping
+SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
+SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two models
+# ------------------------------------------------------------------------------------------------
+
+
+def build_generator(config):
+    """G: z (latent_dim) -> 256 -> 512 -> 1024 -> 784 -> 28x28x1 in [-1, 1]."""
+    return keras.Sequential([
+        keras.Input((config.latent_dim,)),                        # (N, 100)
+        keras.layers.Dense(256),                                  # (N, 256)
+        keras.layers.LeakyReLU(config.leaky_slope),
+        keras.layers.Dense(512),                                  # (N, 512)
+        keras.layers.LeakyReLU(config.leaky_slope),
+        keras.layers.Dense(1024),                                 # (N, 1024)
+        keras.layers.LeakyReLU(config.leaky_slope),
+        keras.layers.Dense(28 * 28, activation="tanh"),           # (N, 784), like images scaled to [-1, 1]
+        keras.layers.Reshape(IMAGE_SHAPE),                        # (N, 28, 28, 1)
+    ], name="generator")
+
+
+def build_discriminator(config):
+    """D: 28x28x1 -> 784 -> 1024 -> 512 -> 256 -> 1 logit (positive: 'real')."""
+    return keras.Sequential([
+        keras.Input(IMAGE_SHAPE),                                 # (N, 28, 28, 1)
+        keras.layers.Flatten(),                                   # (N, 784)
+        keras.layers.Dense(1024),                                 # (N, 1024)
+        keras.layers.LeakyReLU(config.leaky_slope),
+        keras.layers.Dropout(config.dropout),
+        keras.layers.Dense(512),                                  # (N, 512)
+        keras.layers.LeakyReLU(config.leaky_slope),
+        keras.layers.Dropout(config.dropout),
+        keras.layers.Dense(256),                                  # (N, 256)
+        keras.layers.LeakyReLU(config.leaky_slope),
+        keras.layers.Dropout(config.dropout),
+        keras.layers.Dense(1),                                    # (N, 1) logit; the sigmoid is in the loss
+    ], name="discriminator")
+
+
+# ------------------------------------------------------------------------------------------------
+# The losses: binary cross-entropy on logits
+# ------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, target):
+    """Mean binary cross-entropy of sigmoid(logits) against a constant target (1: real, 0: fake)."""
+    labels = tf.fill(tf.shape(logits), target)
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def discriminator_loss(real_logits, fake_logits):
+    """-[log D(x) + log(1 - D(G(z)))]: D is rewarded for calling real images real and fakes fake."""
+    return cross_entropy(real_logits, 1.0) + cross_entropy(fake_logits, 0.0)
+
+
+def generator_loss(fake_logits):
+    """-log D(G(z)): the non-saturating generator loss, strong gradients even while D wins."""
+    return cross_entropy(fake_logits, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    config = utils.parse_config(__file__, globals(), argv, description=__doc__)
+    run = utils.RunDirectory(config.out)
+    if config.generate:
+        utils.generate(config, run)
+        return
+
+    images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1]
+    run.create()
+
+    keras.utils.set_random_seed(config.seed)
+    generator = build_generator(config)
+    discriminator = build_discriminator(config)
+    g_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
+    d_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
+    # Create the optimizers' slots now, eagerly, so the traced step does not create variables.
+    g_optimizer.build(generator.trainable_variables)
+    d_optimizer.build(discriminator.trainable_variables)
+    noise_rng = tf.random.Generator.from_seed(config.seed)
+
+    @tf.function(input_signature=[tf.TensorSpec((None,) + IMAGE_SHAPE, tf.float32)])
+    def train_step(real_images):
+        batch_size = tf.shape(real_images)[0]
+
+        # update D: maximize log D(x) + log(1 - D(G(z)))
+        noise = noise_rng.normal((batch_size, config.latent_dim))
+        with tf.GradientTape() as tape:
+            fake_images = generator(noise, training=True)
+            real_logits = discriminator(real_images, training=True)
+            fake_logits = discriminator(fake_images, training=True)
+            d_loss = discriminator_loss(real_logits, fake_logits)
+        gradients = tape.gradient(d_loss, discriminator.trainable_variables)
+        d_optimizer.apply_gradients(zip(gradients, discriminator.trainable_variables))
+
+        # update G: maximize log D(G(z)) on fresh noise, against the D just updated
+        noise = noise_rng.normal((batch_size, config.latent_dim))
+        with tf.GradientTape() as tape:
+            g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
+        gradients = tape.gradient(g_loss, generator.trainable_variables)
+        g_optimizer.apply_gradients(zip(gradients, generator.trainable_variables))
+
+        return {"d_loss": d_loss, "g_loss": g_loss,
+                "d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
+
+    utils.train(config, run, images, train_step, generator)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,756 @@
+"""What gan_mnist.py and dcgan_mnist.py share: configuration, MNIST, images and the run's bookkeeping.
+
+The two training scripts hold the GAN itself (models, losses, the D and G updates); everything
+around it lives here once:
+
+- configuration: the scripts' blocks of hyperparameter constants become command-line flags
+  (`parse_config`), checked before anything is built;
+- data: MNIST from IDX files or Keras's `mnist.npz`, found or downloaded and verified
+  (`load_mnist`), and the presets' resizing to and from 28x28 (`prepare_images`, `to_mnist_uint8`);
+- pictures: image grids, GIFs and the loss plot (`image_grid`, `save_png`, `save_gif`,
+  `plot_history`);
+- the run: its directory, history and TensorBoard events (`RunDirectory`), the epoch loop
+  (`train`) and sampling from a trained run (`generate`).
+
+Every user-facing failure raises `UsageError` (a bad flag: exit status 2) or `DataError` (a bad
+file or directory: exit status 1); `run_main` turns them into one line on stderr.
+"""
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) drowns the progress line.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import matplotlib
+
+matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
+
+import imageio.v3 as iio  # noqa: E402
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors the user can act on
+# ---------------------------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """A command-line flag or value that cannot be used; reported in one line, exit status 2."""
+
+
+class DataError(ValueError):
+    """A missing, corrupt or unwritable file or directory; reported in one line, exit status 1."""
+
+
+def run_main(main, argv=None):
+    """Run a script's `main(argv)` and turn the errors a user can fix into one line and an exit status."""
+    program = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the scripts' constants as command-line flags
+# ---------------------------------------------------------------------------------------------
+
+# A constant in a script's block: NAME = value  # comment (the comment becomes the flag's help).
+_CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
+
+# Checks for the hyperparameters both scripts use, applied to whichever a script defines.
+_CHECKS = {
+    "epochs": (lambda v: v >= 1, "must be a positive integer"),
+    "batch_size": (lambda v: v >= 1, "must be a positive integer"),
+    "latent_dim": (lambda v: v >= 1, "must be a positive integer"),
+    "kernel_size": (lambda v: v >= 1, "must be a positive integer"),
+    "sample_grid": (lambda v: 1 <= v <= 32, "must be an integer from 1 to 32"),
+    "limit": (lambda v: v >= 0, "must be 0 (all images) or a positive number of images"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
+    "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "leaky_slope": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the flag, raised as UsageError."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def _flag(name):
+    return "--" + name.lower().replace("_", "-")
+
+
+def _read_constants(script_path, namespace):
+    """Return [(NAME, comment)] for the script's top-level constants of plain type, in source order."""
+    constants = []
+    for line in Path(script_path).read_text().splitlines():
+        match = _CONSTANT_LINE.match(line)
+        if match and match.group(1) in namespace:
+            value = namespace[match.group(1)]
+            if value is None or isinstance(value, (bool, int, float, str)):
+                constants.append((match.group(1), (match.group(2) or "").strip()))
+    return constants
+
+
+def _parse_value(kind, flag):
+    def parse(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_config(script_path, namespace, argv=None, description=None, presets=None, preset_key="arch"):
+    """Build the run's configuration from a script's constants and the command line.
+
+    Every upper-case constant of plain type (int, float, str, bool or None) at the top of the
+    script becomes a flag under the same name (`BATCH_SIZE` is `--batch-size`), with the
+    constant's value as its default and its trailing comment as its help. A constant set to None
+    takes its value from the chosen preset (`presets[config[preset_key]]`), so each preset carries
+    its own defaults. Besides the hyperparameters there are the run flags shared by both scripts:
+    `--out`, `--data-dir`, `--generate` and `--samples-npz`.
+
+    Returns a SimpleNamespace with lower-case names. An unknown flag, a wrong type or a bad value
+    raises UsageError naming the flag, before any model is built.
+    """
+    presets = presets or {}
+    script_name = Path(script_path).stem
+    parser = _OneLineParser(
+        prog=Path(script_path).name,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hyper = parser.add_argument_group("hyperparameters (defaults from the constants at the top of the script)")
+    names = []
+    for name, comment in _read_constants(script_path, namespace):
+        key = name.lower()
+        default = namespace[name]
+        names.append(key)
+        if default is None:
+            preset_values = {p: spec[key] for p, spec in presets.items() if key in spec}
+            if not preset_values:
+                raise TypeError(f"{name} is None but no preset gives {key!r}")
+            kind = type(next(iter(preset_values.values())))
+            shown = ", ".join(f"{p}: {v}" for p, v in preset_values.items())
+            help_text = f"{comment} (default: from --{preset_key}; {shown})"
+        else:
+            kind = type(default)
+            help_text = f"{comment} (default: {default})"
+        help_text = help_text.replace("%", "%%")
+        if kind is bool:
+            hyper.add_argument(_flag(name), dest=key, default=default, help=help_text,
+                               action=argparse.BooleanOptionalAction)
+        else:
+            choices = list(presets) if key == preset_key and presets else None
+            hyper.add_argument(_flag(name), dest=key, default=default, help=help_text, metavar=kind.__name__.upper(),
+                               type=_parse_value(kind, _flag(name)), choices=choices)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", default=None,
+                     help=f"run directory for every output (default: results/{script_name})")
+    run.add_argument("--data-dir", metavar="DIR", default=None,
+                     help="directory with the MNIST IDX files or mnist.npz (default: $MNIST_DIR, data/mnist, "
+                          "~/.keras/datasets, else download)")
+    run.add_argument("--generate", metavar="N", type=_parse_value(int, "--generate"), default=None,
+                     help="do not train: load the run's trained generator (--out) and write an N-sample grid")
+    run.add_argument("--samples-npz", metavar="FILE", default=None,
+                     help="with --generate: also write the samples as uint8 (N, 28, 28) under the key 'images'")
+
+    args = parser.parse_args(argv)
+    config = SimpleNamespace(**vars(args))
+
+    # Fill the preset's defaults for the constants left as None, then check every value.
+    if presets:
+        for key, value in presets[getattr(config, preset_key)].items():
+            if key in names and getattr(config, key) is None:
+                setattr(config, key, value)
+    for key in names:
+        value = getattr(config, key)
+        if key in _CHECKS and not isinstance(value, bool):
+            check, requirement = _CHECKS[key]
+            if not check(value):
+                raise UsageError(f"argument {_flag(key)}: {requirement}, got {value}")
+    if config.limit and config.batch_size > config.limit:
+        raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the "
+                         f"{config.limit} training images of --limit {config.limit}")
+    if config.generate is not None and config.generate < 1:
+        raise UsageError(f"argument --generate: must be a positive number of samples, got {config.generate}")
+    if config.samples_npz is not None and config.generate is None:
+        raise UsageError("argument --samples-npz: only used with --generate N")
+    if config.samples_npz is not None and not config.samples_npz.endswith(".npz"):
+        raise UsageError(f"argument --samples-npz: {config.samples_npz} must end in .npz")
+
+    config.script = script_name
+    config.hyperparameters = names
+    config.out = Path(config.out) if config.out else REPO_DIR / "results" / script_name
+    return config
+
+
+def config_dict(config):
+    """The configuration as a JSON-ready dict: the hyperparameters, then the run's settings."""
+    resolved = {key: getattr(config, key) for key in config.hyperparameters}
+    resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir)
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST: find, download, verify, read
+# ---------------------------------------------------------------------------------------------
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# SHA-256 of the original gzip files, checked after every download.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+# Public mirrors of the original files, tried in order ($MNIST_MIRROR, comma-separated, replaces them).
+MNIST_MIRRORS = (
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+)
+_IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: 3-D unsigned bytes; 0x0801: 1-D.
+
+
+def _open_idx_bytes(path):
+    """Read an IDX file, gunzipping it when its name ends in .gz."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (gzip.BadGzipFile, zlib.error):
+        raise DataError(f"{path}: not a valid gzip file") from None
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip stream") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
+def read_idx(path, kind):
+    """Read an MNIST IDX file of `kind` 'images' (N, 28, 28) or 'labels' (N,), as uint8.
+
+    Raises DataError naming the file for a bad gzip stream, a wrong magic number, a size that
+    disagrees with the header, images that are not 28x28 or labels outside 0..9.
+    """
+    path = Path(path)
+    data = _open_idx_bytes(path)
+    dims = 3 if kind == "images" else 1
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the {header}-byte IDX header")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != _IDX_MAGIC[kind]:
+        raise DataError(f"{path}: bad magic number {magic}, expected {_IDX_MAGIC[kind]} for MNIST {kind}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    expected = int(np.prod(shape))
+    found = len(data) - header
+    if found < expected:
+        raise DataError(f"{path}: truncated: header promises {expected} bytes of {kind} for shape {shape}, "
+                        f"file holds {found}")
+    if found > expected:
+        raise DataError(f"{path}: {found - expected} unexpected bytes after the {kind} of shape {shape}")
+    if kind == "images" and shape[1:] != (28, 28):
+        raise DataError(f"{path}: wrong image size {shape[1]}x{shape[2]}, expected 28x28")
+    array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    if kind == "labels" and array.size and array.max() > 9:
+        raise DataError(f"{path}: label {array.max()} outside 0..9")
+    return array
+
+
+def _check_pair(images, labels, images_name, labels_name):
+    if len(images) != len(labels):
+        raise DataError(f"{images_name}: {len(images)} images but {labels_name} has {len(labels)} labels")
+    return images, labels
+
+
+def _read_npz(path, split):
+    """Read one split of Keras's mnist.npz (keys x_train, y_train, x_test, y_test) without unpickling."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            images, labels = archive[f"x_{split}"], archive[f"y_{split}"]
+    except KeyError as error:
+        raise DataError(f"{path}: no array {error} in this npz (expected Keras's mnist.npz)") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable npz archive ({error})") from None
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{path}: x_{split} has shape {images.shape} and type {images.dtype}, "
+                        f"expected (N, 28, 28) uint8")
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise DataError(f"{path}: y_{split} must be a 1-D array of labels 0..9")
+    return _check_pair(images, labels.astype(np.uint8), f"{path} x_{split}", f"y_{split}")
+
+
+def _idx_files_in(directory, split):
+    """The (images, labels) paths of `split` in `directory`, gzip or raw, or None if either is missing."""
+    found = []
+    for base in MNIST_FILES[split]:
+        candidates = [directory / f"{base}.gz", directory / base]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            return None
+        found.append(path)
+    return tuple(found)
+
+
+def _download(url, destination, sha256):
+    """Download `url` to `destination` atomically, verifying its SHA-256; raise OSError/ValueError on failure."""
+    temporary = destination.with_name(f".{destination.name}.part-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(temporary, "wb") as handle:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                handle.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"SHA-256 {digest.hexdigest()[:12]}... does not match the expected {sha256[:12]}...")
+        os.replace(temporary, destination)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def download_mnist(directory, split="train", mirrors=None):
+    """Download one MNIST split's two gzip files into `directory`, verified; nothing is left on failure."""
+    directory = Path(directory)
+    mirrors = mirrors or [m for m in os.environ.get("MNIST_MIRROR", "").split(",") if m] or MNIST_MIRRORS
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{directory}: cannot create the download directory ({error.strerror})") from None
+    for base in MNIST_FILES[split]:
+        name = f"{base}.gz"
+        if (directory / name).is_file():
+            continue
+        failures = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + name
+            try:
+                print(f"Downloading {url} ...", file=sys.stderr)
+                _download(url, directory / name, MNIST_SHA256[name])
+                break
+            except (OSError, ValueError) as error:
+                failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
+        else:
+            raise DataError(f"{directory / name}: download failed ({'; '.join(failures)}); "
+                            f"put the MNIST files there or set MNIST_DIR")
+    return _idx_files_in(directory, split)
+
+
+def _keras_cache():
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets" / "mnist.npz"
+
+
+def load_mnist(split="train", data_dir=None, limit=0, download=True):
+    """Load an MNIST split as (images uint8 (N, 28, 28), labels uint8 (N,)), white digits on black.
+
+    Looks, in order, in `data_dir`, `$MNIST_DIR`, `data/mnist/` in the repository and Keras's cache
+    (`~/.keras/datasets/mnist.npz`) for the four IDX files (gzip or raw) or an `mnist.npz`. If none
+    has them, downloads the split from a public mirror into the first of those directories given
+    (else `data/mnist/`), verifying SHA-256. `limit` > 0 keeps the first `limit` images.
+    """
+    directories = [Path(d) for d in (data_dir, os.environ.get("MNIST_DIR")) if d]
+    directories.append(REPO_DIR / "data" / "mnist")
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: --data-dir is not a directory")
+    for directory in directories:
+        files = _idx_files_in(directory, split)
+        if files:
+            break
+        if (directory / "mnist.npz").is_file():
+            images, labels = _read_npz(directory / "mnist.npz", split)
+            return _apply_limit(images, labels, limit)
+    else:
+        if _keras_cache().is_file():
+            images, labels = _read_npz(_keras_cache(), split)
+            return _apply_limit(images, labels, limit)
+        if not download:
+            raise DataError(f"{directories[0]}: no MNIST {split} files (looked in {', '.join(map(str, directories))} "
+                            f"and {_keras_cache()})")
+        files = download_mnist(directories[0], split)
+    images = read_idx(files[0], "images")
+    labels = read_idx(files[1], "labels")
+    _check_pair(images, labels, files[0], files[1])
+    return _apply_limit(images, labels, limit)
+
+
+def load_training_images(config, image_size=28, transform="none"):
+    """The training images for a run: MNIST train (up to --limit), as float32 (N, S, S, 1) in [-1, 1].
+
+    Refuses a batch size larger than the data, as a flag error, before any model is built.
+    """
+    images, _ = load_mnist("train", config.data_dir, config.limit)
+    if config.batch_size > len(images):
+        raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the {len(images)} training images")
+    return prepare_images(images, image_size, transform)
+
+
+def _apply_limit(images, labels, limit):
+    return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: the presets' resolutions, grids, PNGs and GIFs
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_images(images, image_size=28, transform="none"):
+    """MNIST uint8 (N, 28, 28) to float32 (N, S, S, 1) in [-1, 1], the generator's tanh range.
+
+    `transform` says how 28x28 becomes `image_size`: 'none' (28), 'pad' (zero-pad, black border,
+    as the 32x32 seed does) or 'resize' (bilinear, as the 64x64 seeds do).
+    """
+    scaled = images.astype(np.float32)[..., None] / 127.5 - 1.0
+    if transform == "none":
+        result = scaled
+    elif transform == "pad":
+        margin = (image_size - 28) // 2
+        widths = ((0, 0), (margin, image_size - 28 - margin), (margin, image_size - 28 - margin), (0, 0))
+        result = np.pad(scaled, widths, constant_values=-1.0)
+    elif transform == "resize":
+        chunks = [tf.image.resize(scaled[i:i + 4096], (image_size, image_size)).numpy()
+                  for i in range(0, len(scaled), 4096)]
+        result = np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, 1), np.float32)
+    else:
+        raise ValueError(f"unknown transform {transform!r}")
+    assert result.shape[1:] == (image_size, image_size, 1), result.shape
+    return np.clip(result, -1.0, 1.0)
+
+
+def to_uint8(images):
+    """Generator output in [-1, 1] (any shape) to uint8 0..255."""
+    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_mnist_uint8(images, transform="none"):
+    """Generated float (N, S, S, 1) in [-1, 1] back to MNIST's form: uint8 (N, 28, 28), white on black.
+
+    Undoes `prepare_images`: crops the padded border or resizes (area-averaged) back to 28x28.
+    """
+    images = np.asarray(images, np.float32)
+    if transform == "pad":
+        margin = (images.shape[1] - 28) // 2
+        images = images[:, margin:margin + 28, margin:margin + 28]
+    elif transform == "resize":
+        images = tf.image.resize(images, (28, 28), method="area").numpy()
+    if images.shape[1:3] != (28, 28):
+        raise ValueError(f"cannot bring images of shape {images.shape} back to 28x28 with transform {transform!r}")
+    return to_uint8(images[..., 0])
+
+
+def image_grid(images, columns=None, padding=2, background=64):
+    """Tile images into one uint8 picture: rows of `columns` tiles, `padding` pixels of grey between.
+
+    `images` is (N, H, W, C) or (N, H, W), float in [-1, 1] or uint8. Returns (rows*H', cols*W')
+    for one channel, (.., .., 3) for three.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = to_uint8(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    count, height, width = images.shape[:3]
+    columns = columns or max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / columns))
+    shape = (rows * (height + padding) + padding, columns * (width + padding) + padding) + images.shape[3:]
+    grid = np.full(shape, background, dtype=np.uint8)
+    for index, image in enumerate(images):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[top:top + height, left:left + width] = image
+    return grid
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` (same suffix); on success rename it onto `path`.
+
+    A crash or an error at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def save_png(path, picture):
+    """Write a uint8 picture (H, W) or (H, W, 3) as PNG, atomically."""
+    with atomic_path(path) as temporary:
+        iio.imwrite(temporary, picture, extension=".png")
+
+
+def save_json(path, data):
+    """Write `data` as indented JSON, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def save_gif(path, frame_paths, frame_ms=200, last_frame_ms=1500):
+    """Assemble PNG frames (in the given order) into a looping GIF, holding the last frame longer."""
+    frames = [iio.imread(p) for p in frame_paths]
+    if not frames:
+        return
+    # Pillow takes a list of durations only for several frames.
+    durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms] if len(frames) > 1 else last_frame_ms
+    with atomic_path(path) as temporary:
+        iio.imwrite(temporary, np.stack(frames), extension=".gif", duration=durations, loop=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: its directory, history, plots and the epoch loop
+# ---------------------------------------------------------------------------------------------
+
+METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # What each train step returns, per batch.
+
+
+def plot_history(path, history):
+    """Plot D and G losses (per iteration, and per-epoch means) and mean D(x), D(G(z)) against epochs."""
+    iterations = history["iterations"]
+    steps = len(iterations["d_loss"])
+    epochs = history["epochs"]
+    if not steps or not epochs:
+        return
+    steps_per_epoch = steps / len(epochs)
+    x = (np.arange(steps) + 1) / steps_per_epoch
+    x_epoch = [e["epoch"] - 0.5 for e in epochs]  # An epoch's mean belongs to its middle.
+    style = "o-" if len(epochs) <= 30 else "-"
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for key, label, colour in (("d_loss", "D loss", "tab:blue"), ("g_loss", "G loss", "tab:orange")):
+        top.plot(x, iterations[key], color=colour, alpha=0.25, linewidth=0.6)
+        top.plot(x_epoch, [e[key] for e in epochs], style, color=colour, label=f"{label} (epoch mean)")
+    top.set_ylabel("loss")
+    top.legend()
+    top.grid(alpha=0.3)
+    for key, label, colour in (("d_real", "D(x)", "tab:green"), ("d_fake", "D(G(z))", "tab:red")):
+        bottom.plot(x, iterations[key], color=colour, alpha=0.25, linewidth=0.6)
+        bottom.plot(x_epoch, [e[key] for e in epochs], style, color=colour, label=f"mean {label}")
+    bottom.set_ylabel("discriminator output")
+    bottom.set_ylim(0, 1)
+    bottom.set_xlabel("epoch")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
+class RunDirectory:
+    """One run's directory, `results/<run-name>/`, and the names of everything written into it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.history = self.path / "history.json"
+        self.loss_plot = self.path / "losses.png"
+        self.real_samples = self.path / "real_samples.png"
+        self.random_samples = self.path / "random_samples.png"
+        self.progress_gif = self.path / "progress.gif"
+        self.generator = self.path / "generator.keras"
+        self.generated = self.path / "generated_samples.png"
+        self.tensorboard = self.path / "tensorboard"
+
+    def epoch_grid(self, epoch):
+        """The fixed-noise grid after `epoch` (zero-padded, so sorting by name sorts by time)."""
+        return self.path / f"epoch_{epoch:03d}.png"
+
+    def create(self):
+        """Create the directory, or raise DataError naming it if it cannot be created and written."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise DataError(f"{self.path}: cannot write the run directory ({error.strerror or error})") from None
+        return self
+
+
+class _StatusLine:
+    """A one-line progress display: position in the epoch, losses and speed.
+
+    On a terminal it rewrites itself in place; in a log file it prints a line every tenth of an epoch.
+    """
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+        self.interactive = sys.stdout.isatty()
+
+    def update(self, epoch, step, steps, images_per_second, values):
+        """Show the running position; on a terminal every step, in a log every tenth of an epoch."""
+        text = f"epoch {epoch}/{self.epochs} step {step}/{steps} | {_describe(values)} | {images_per_second:.0f} img/s"
+        if self.interactive:
+            print("\r" + text, end="", flush=True)
+        elif step % max(1, steps // 10) == 0 and step < steps:
+            print(text, flush=True)
+
+    def finish_epoch(self, text):
+        """Replace the running line with the epoch's summary."""
+        print(("\r\033[K" if self.interactive else "") + text, flush=True)
+
+
+def _describe(values):
+    return (f"D loss {values['d_loss']:.3f} G loss {values['g_loss']:.3f} "
+            f"D(x) {values['d_real']:.2f} D(G(z)) {values['d_fake']:.2f}")
+
+
+def make_dataset(images, batch_size, seed):
+    """Shuffle (reshuffled every epoch, repeatably from `seed`) and batch, dropping the ragged last batch."""
+    dataset = tf.data.Dataset.from_tensor_slices(images)
+    dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def sample_images(generator, noise, batch_size=500):
+    """Run the generator in inference mode (batch norm on its moving statistics) over `noise`, in batches."""
+    outputs = [generator(noise[i:i + batch_size], training=False).numpy() for i in range(0, len(noise), batch_size)]
+    return np.concatenate(outputs)
+
+
+def train(config, run, images, train_step, generator, transform="none"):
+    """The epoch loop and its bookkeeping, shared by both scripts.
+
+    `train_step(batch)` runs one D update and one G update and returns the batch's d_loss, g_loss
+    and mean D(x), D(G(z)). Around it, this writes into `run`: config.json, real_samples.png, one
+    fixed-noise grid per epoch, the history (history.json) and loss plot after every epoch, the
+    trained generator (generator.keras), TensorBoard events, and at the end random_samples.png and
+    progress.gif.
+    """
+    config_data = config_dict(config) | {"transform": transform, "image_shape": list(images.shape[1:]),
+                                         "training_images": len(images), "tensorflow": tf.__version__}
+    save_json(run.config, config_data)
+    grid_size = config.sample_grid
+    save_png(run.real_samples, image_grid(images[:grid_size * grid_size], grid_size))
+
+    # One fixed batch of noise, drawn before training, so every epoch's grid shows the same z.
+    fixed_noise = np.random.default_rng(config.seed).standard_normal((grid_size * grid_size, config.latent_dim))
+    fixed_noise = fixed_noise.astype(np.float32)
+    dataset = make_dataset(images, config.batch_size, config.seed)
+    steps = len(images) // config.batch_size
+    history = {"iterations": {key: [] for key in METRICS}, "epochs": [], "total_seconds": 0.0}
+    writer = tf.summary.create_file_writer(str(run.tensorboard))
+    status = _StatusLine(config.epochs)
+    print(f"Training {config.script} for {config.epochs} epochs of {steps} steps "
+          f"(batch {config.batch_size}, {len(images)} images); outputs in {run.path}")
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        sums = dict.fromkeys(METRICS, 0.0)
+        for step, batch in enumerate(dataset, start=1):
+            values = {key: float(value) for key, value in train_step(batch).items()}
+            for key in METRICS:
+                history["iterations"][key].append(values[key])
+                sums[key] += values[key]
+            global_step = (epoch - 1) * steps + step
+            with writer.as_default(step=global_step):
+                for key in METRICS:
+                    tf.summary.scalar(f"iteration/{key}", values[key])
+            elapsed = time.perf_counter() - epoch_start
+            status.update(epoch, step, steps, step * config.batch_size / elapsed, values)
+        seconds = time.perf_counter() - epoch_start
+        means = {key: sums[key] / steps for key in METRICS}
+        history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
+                                  "images_per_second": round(steps * config.batch_size / seconds, 1)})
+
+        # Everything a user looks at between epochs: the grid, the plot, the history, the generator.
+        grid = image_grid(sample_images(generator, fixed_noise), grid_size)
+        save_png(run.epoch_grid(epoch), grid)
+        with writer.as_default(step=epoch * steps):
+            for key in METRICS:
+                tf.summary.scalar(f"epoch/{key}", means[key])
+            tf.summary.scalar("epoch/seconds", seconds)
+            tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
+        writer.flush()
+        history["total_seconds"] = round(time.perf_counter() - start, 3)
+        save_json(run.history, history)
+        plot_history(run.loss_plot, history)
+        with atomic_path(run.generator) as temporary:
+            generator.save(temporary)
+        status.finish_epoch(f"epoch {epoch}/{config.epochs} | {_describe(means)} | {seconds:.1f} s, "
+                            f"{steps * config.batch_size / seconds:.0f} img/s | {run.epoch_grid(epoch).name}")
+
+    random_noise = np.random.default_rng(config.seed + 1).standard_normal((grid_size * grid_size, config.latent_dim))
+    save_png(run.random_samples, image_grid(sample_images(generator, random_noise.astype(np.float32)), grid_size))
+    save_gif(run.progress_gif, [run.epoch_grid(e) for e in range(1, config.epochs + 1)])
+    writer.close()
+    total = time.perf_counter() - start
+    history["total_seconds"] = round(total, 3)
+    save_json(run.history, history)
+    print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
+          f"Outputs in {run.path}")
+    return history
+
+
+def generate(config, run):
+    """Load the run's trained generator and write `config.generate` samples: a grid, and an npz if asked.
+
+    The noise comes from `config.seed`. With `config.samples_npz` the samples are also saved as
+    uint8 (N, 28, 28), 0..255, white on black like MNIST, under the key 'images' (the 32 and 64
+    presets' outputs are cropped or resized back to 28x28).
+    """
+    if not run.generator.is_file():
+        raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
+                        f"(or name the run with --out)")
+    try:
+        saved_config = json.loads(run.config.read_text())
+        transform = saved_config.get("transform", "none")
+    except (OSError, ValueError) as error:
+        raise DataError(f"{run.config}: cannot read the run's configuration ({error})") from None
+    try:
+        generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged archive.
+        raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
+    latent_dim = generator.input_shape[-1]
+    noise = np.random.default_rng(config.seed).standard_normal((config.generate, latent_dim)).astype(np.float32)
+    samples = sample_images(generator, noise)
+    save_png(run.generated, image_grid(samples))
+    print(f"Wrote {config.generate} samples to {run.generated}")
+    if config.samples_npz:
+        destination = Path(config.samples_npz)
+        mnist_like = to_mnist_uint8(samples, transform)
+        try:
+            with atomic_path(destination) as temporary, open(temporary, "wb") as handle:
+                np.savez_compressed(handle, images=mnist_like)
+        except OSError as error:
+            raise DataError(f"{destination}: cannot write the samples ({error.strerror or error})") from None
+        print(f"Wrote {destination} (images: uint8 {mnist_like.shape})")
+    return samples
