@@ -10,10 +10,10 @@ G's output and D's input; ReLU in G with a tanh output, LeakyReLU(0.2) in D; Ada
 weights drawn from N(0, 0.02). Three presets (--arch) set the resolution and the layer widths.
 """
 
-import keras
-import tensorflow as tf
+import utils  # First: it loads TensorFlow with its start-up chatter muted.
 
-import utils
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.

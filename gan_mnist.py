@@ -7,10 +7,10 @@ G maps z ~ N(0, I) through dense layers to a 28x28 image in [-1, 1]; D maps an i
 layers to one logit. Both are trained with the non-saturating loss (binary cross-entropy on logits).
 """
 
-import keras
-import tensorflow as tf
+import utils  # First: it loads TensorFlow with its start-up chatter muted.
 
-import utils
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.

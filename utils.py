@@ -32,18 +32,38 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) drowns the progress line.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import imageio.v3 as iio
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
-
-import imageio.v3 as iio  # noqa: E402
-import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow and Keras with their C++ start-up chatter (CUDA probing, CPU notes) muted.
+
+    Those lines are written to file descriptor 2 before any logging setting applies, and they would
+    bury a one-line error or the progress line. Python errors still surface: they are raised after
+    stderr is restored. `train` prints the devices in use, so a missing GPU is still reported.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")  # Probes CUDA now, while muted.
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tensorflow, keras
+
+
+tf, keras = _import_tensorflow_quietly()
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -67,7 +87,7 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except UsageError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error} (see --help)", file=sys.stderr)
         sys.exit(2)
     except DataError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
@@ -101,7 +121,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line naming the flag, raised as UsageError."""
 
     def error(self, message):
-        raise UsageError(f"{message} (see --help)")
+        raise UsageError(message)
 
 
 def _flag(name):
@@ -655,6 +675,8 @@ def train(config, run, images, train_step, generator, transform="none"):
     trained generator (generator.keras), TensorBoard events, and at the end random_samples.png and
     progress.gif.
     """
+    devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
+    print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}")
     config_data = config_dict(config) | {"transform": transform, "image_shape": list(images.shape[1:]),
                                          "training_images": len(images), "tensorflow": tf.__version__}
     save_json(run.config, config_data)
