@@ -538,10 +538,10 @@ def save_png(path, picture):
         iio.imwrite(temporary, picture, extension=".png")
 
 
-def save_json(path, data):
-    """Write `data` as indented JSON, atomically."""
+def save_json(path, data, indent=1):
+    """Write `data` as JSON (indented, unless `indent` is None), atomically."""
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=1) + "\n")
+        temporary.write_text(json.dumps(data, indent=indent) + "\n")
 
 
 def save_gif(path, frame_paths, frame_ms=200, last_frame_ms=1500):
@@ -723,7 +723,7 @@ def train(config, run, images, train_step, generator, transform="none"):
             tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
         writer.flush()
         history["total_seconds"] = round(time.perf_counter() - start, 3)
-        save_json(run.history, history)
+        save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
         plot_history(run.loss_plot, history)
         with atomic_path(run.generator) as temporary:
             generator.save(temporary)
@@ -736,7 +736,7 @@ def train(config, run, images, train_step, generator, transform="none"):
     writer.close()
     total = time.perf_counter() - start
     history["total_seconds"] = round(total, 3)
-    save_json(run.history, history)
+    save_json(run.history, history, indent=None)
     print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
           f"Outputs in {run.path}")
     return history

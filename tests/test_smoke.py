@@ -110,3 +110,14 @@ def test_the_last_batch_does_not_retrace_the_step(tmp_path, mnist_dir, monkeypat
     assert traced == [1]
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["iterations"]["d_loss"]) == 2 * 3
+
+
+def test_the_same_seed_repeats_a_run_exactly(tmp_path, mnist_dir):
+    histories = []
+    for name in ("first", "second"):
+        gan_mnist.main(["--epochs", "1", "--limit", "192", "--batch-size", "64", "--seed", "5",
+                        "--data-dir", str(mnist_dir), "--out", str(tmp_path / name)])
+        histories.append(json.loads((tmp_path / name / "history.json").read_text())["iterations"])
+    assert histories[0] == histories[1]
+    np.testing.assert_array_equal(iio.imread(tmp_path / "first" / "epoch_001.png"),
+                                  iio.imread(tmp_path / "second" / "epoch_001.png"))
