@@ -35,6 +35,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscill
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
+EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: never); ~3 s each
 
 # The presets: resolution, how MNIST's 28x28 gets there, layer widths, and their own defaults.
 # G projects z to g_start, then each transposed convolution doubles the side; D halves it with
@@ -144,6 +145,9 @@ def main(argv=None):
     run = utils.RunDirectory(config.out)
     if config.generate:
         utils.generate(config, run)
+        return
+    if config.evaluate:
+        utils.evaluate_run(config, run)
         return
 
     size = preset["image_size"]

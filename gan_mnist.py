@@ -29,6 +29,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
+EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: never); ~2 s each
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -102,6 +103,9 @@ def main(argv=None):
     run = utils.RunDirectory(config.out)
     if config.generate:
         utils.generate(config, run)
+        return
+    if config.evaluate:
+        utils.evaluate_run(config, run)
         return
 
     images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1]

@@ -65,6 +65,8 @@ def _import_tensorflow_quietly():
 
 tf, keras = _import_tensorflow_quietly()
 
+import evaluation  # noqa: E402  (after TensorFlow, which it uses)
+
 REPO_DIR = Path(__file__).resolve().parent
 
 
@@ -109,6 +111,7 @@ _CHECKS = {
     "kernel_size": (lambda v: v >= 1, "must be a positive integer"),
     "sample_grid": (lambda v: 1 <= v <= 32, "must be an integer from 1 to 32"),
     "limit": (lambda v: v >= 0, "must be 0 (all images) or a positive number of images"),
+    "eval_every": (lambda v: v >= 0, "must be 0 (no evaluation) or a positive number of epochs"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -206,6 +209,10 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
                      help="do not train: load the run's trained generator (--out) and write an N-sample grid")
     run.add_argument("--samples-npz", metavar="FILE", default=None,
                      help="with --generate: also write the samples as uint8 (N, 28, 28) under the key 'images'")
+    run.add_argument("--evaluate", action="store_true",
+                     help="do not train: score the run's trained generator (--out) on --num-samples samples")
+    run.add_argument("--num-samples", metavar="N", type=_parse_value(int, "--num-samples"), default=10_000,
+                     help="samples scored by each evaluation (default: 10000, the size of the MNIST test set)")
 
     args = parser.parse_args(argv)
     config = SimpleNamespace(**vars(args))
@@ -226,6 +233,10 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
                          f"{config.limit} training images of --limit {config.limit}")
     if config.generate is not None and config.generate < 1:
         raise UsageError(f"argument --generate: must be a positive number of samples, got {config.generate}")
+    if config.num_samples < 2:
+        raise UsageError(f"argument --num-samples: must be at least 2, got {config.num_samples}")
+    if config.evaluate and config.generate is not None:
+        raise UsageError("argument --evaluate: not allowed with --generate; run them one after the other")
     if config.samples_npz is not None and config.generate is None:
         raise UsageError("argument --samples-npz: only used with --generate N")
     if config.samples_npz is not None and not config.samples_npz.endswith(".npz"):
@@ -240,7 +251,8 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
 def config_dict(config):
     """The configuration as a JSON-ready dict: the hyperparameters, then the run's settings."""
     resolved = {key: getattr(config, key) for key in config.hyperparameters}
-    resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir)
+    resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir,
+                    num_samples=config.num_samples)
     return resolved
 
 
@@ -440,6 +452,24 @@ def load_training_images(config, image_size=28, transform="none"):
     return prepare_images(images, image_size, transform)
 
 
+def cache_dir():
+    """Where the evaluation classifier is cached: $GAN_MNIST_CACHE, else ~/.cache/tf2-gan-mnist."""
+    if os.environ.get("GAN_MNIST_CACHE"):
+        return Path(os.environ["GAN_MNIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
+
+
+def load_evaluator(data_dir=None):
+    """The sample-quality evaluator for MNIST: its classifier is trained once (minutes) and cached."""
+    train_images, train_labels = load_mnist("train", data_dir)
+    test_images, test_labels = load_mnist("test", data_dir)
+    try:
+        return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels)
+    except OSError as error:
+        raise DataError(f"{cache_dir()}: cannot use the classifier cache ({error.strerror or error}); "
+                        f"set GAN_MNIST_CACHE to a writable directory") from None
+
+
 def _apply_limit(images, labels, limit):
     return (images[:limit], labels[:limit]) if limit else (images, labels)
 
@@ -602,6 +632,9 @@ class RunDirectory:
         self.config = self.path / "config.json"
         self.history = self.path / "history.json"
         self.loss_plot = self.path / "losses.png"
+        self.metrics_plot = self.path / "metrics.png"
+        self.metrics = self.path / "metrics.json"
+        self.evaluation = self.path / "evaluation.json"
         self.real_samples = self.path / "real_samples.png"
         self.random_samples = self.path / "random_samples.png"
         self.progress_gif = self.path / "progress.gif"
@@ -673,8 +706,11 @@ def train(config, run, images, train_step, generator, transform="none"):
     and mean D(x), D(G(z)). Around it, this writes into `run`: config.json, real_samples.png, one
     fixed-noise grid per epoch, the history (history.json) and loss plot after every epoch, the
     trained generator (generator.keras), TensorBoard events, and at the end random_samples.png and
-    progress.gif.
+    progress.gif. Every `config.eval_every` epochs and after the last, it scores `config.num_samples`
+    samples (see evaluation.py), adds the figures to the history and metrics.png, and writes the
+    final ones to metrics.json.
     """
+    evaluator = load_evaluator(config.data_dir) if config.eval_every else None
     devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
     print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}")
     config_data = config_dict(config) | {"transform": transform, "image_shape": list(images.shape[1:]),
@@ -688,7 +724,7 @@ def train(config, run, images, train_step, generator, transform="none"):
     fixed_noise = fixed_noise.astype(np.float32)
     dataset = make_dataset(images, config.batch_size, config.seed)
     steps = len(images) // config.batch_size
-    history = {"iterations": {key: [] for key in METRICS}, "epochs": [], "total_seconds": 0.0}
+    history = {"iterations": {key: [] for key in METRICS}, "epochs": [], "evaluations": [], "total_seconds": 0.0}
     writer = tf.summary.create_file_writer(str(run.tensorboard))
     status = _StatusLine(config.epochs)
     print(f"Training {config.script} for {config.epochs} epochs of {steps} steps "
@@ -721,6 +757,16 @@ def train(config, run, images, train_step, generator, transform="none"):
                 tf.summary.scalar(f"epoch/{key}", means[key])
             tf.summary.scalar("epoch/seconds", seconds)
             tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
+        if evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform)
+            history["evaluations"].append({"epoch": epoch, **figures})
+            with writer.as_default(step=epoch * steps):
+                for key in evaluation.FIGURES:
+                    tf.summary.scalar(f"evaluation/{key}", figures[key])
+            plot_metrics(run.metrics_plot, history["evaluations"], evaluator.floor)
+            print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
+                  f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/10 classes, "
+                  f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)")
         writer.flush()
         history["total_seconds"] = round(time.perf_counter() - start, 3)
         save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
@@ -739,7 +785,80 @@ def train(config, run, images, train_step, generator, transform="none"):
     save_json(run.history, history, indent=None)
     print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
           f"Outputs in {run.path}")
+    if evaluator:
+        final = history["evaluations"][-1]
+        save_json(run.metrics, {"epoch": final["epoch"], "figures": final, "real_data_floor": evaluator.floor,
+                                "classifier_test_accuracy": evaluator.test_accuracy})
+        print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; written to "
+              f"{run.metrics.name}):\n{evaluation.format_figures(final, evaluator.floor)}")
     return history
+
+
+def evaluate_generator(evaluator, generator, count, seed, transform):
+    """Score `count` samples of `generator` from noise fixed by `seed`, as MNIST-like uint8 digits."""
+    start = time.perf_counter()
+    latent_dim = generator.input_shape[-1]
+    # Its own noise stream (seed + 2), the same at every evaluation, so epochs compare.
+    noise = np.random.default_rng(seed + 2).standard_normal((count, latent_dim)).astype(np.float32)
+    figures = evaluator.evaluate(to_mnist_uint8(sample_images(generator, noise), transform))
+    figures["seconds"] = round(time.perf_counter() - start, 2)
+    return figures
+
+
+def plot_metrics(path, evaluations, floor):
+    """Plot the evaluation figures against epochs, each beside its real-data floor (dashed)."""
+    if not evaluations:
+        return
+    epochs = [e["epoch"] for e in evaluations]
+    panels = (("fid", "Frechet distance (log scale)"), ("inception_score", "Inception Score"),
+              ("classes_covered", "classes covered"), ("confidence", "mean top-class confidence"))
+    figure, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharex=True)
+    for axis, (key, title) in zip(axes.flat, panels):
+        axis.plot(epochs, [e[key] for e in evaluations], "o-", color="tab:purple", label="generated")
+        axis.axhline(floor[key], color="black", linestyle="--", linewidth=1, label="real data")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        if key == "fid":
+            axis.set_yscale("log")
+        if key == "classes_covered":
+            axis.set_ylim(0, 10.5)
+    axes[0, 0].legend()
+    for axis in axes[1]:
+        axis.set_xlabel("epoch")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
+def load_trained_generator(run):
+    """The run's trained generator (Keras safe mode: no code from the file) and its image transform."""
+    if not run.generator.is_file():
+        raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
+                        f"(or name the run with --out)")
+    try:
+        transform = json.loads(run.config.read_text()).get("transform", "none")
+    except (OSError, ValueError) as error:
+        raise DataError(f"{run.config}: cannot read the run's configuration ({error})") from None
+    try:
+        generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged archive.
+        raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
+    return generator, transform
+
+
+def evaluate_run(config, run):
+    """Score a trained run's generator on `config.num_samples` samples; print and save the figures."""
+    generator, transform = load_trained_generator(run)
+    evaluator = load_evaluator(config.data_dir)
+    figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform)
+    save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
+                               "classifier_test_accuracy": evaluator.test_accuracy})
+    print(f"Sample quality of {run.generator} ({figures['samples']} samples, seed {config.seed}; "
+          f"classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
+    print(evaluation.format_figures(figures, evaluator.floor))
+    print(f"Wrote {run.evaluation}")
+    return figures
 
 
 def generate(config, run):
@@ -749,18 +868,7 @@ def generate(config, run):
     uint8 (N, 28, 28), 0..255, white on black like MNIST, under the key 'images' (the 32 and 64
     presets' outputs are cropped or resized back to 28x28).
     """
-    if not run.generator.is_file():
-        raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
-                        f"(or name the run with --out)")
-    try:
-        saved_config = json.loads(run.config.read_text())
-        transform = saved_config.get("transform", "none")
-    except (OSError, ValueError) as error:
-        raise DataError(f"{run.config}: cannot read the run's configuration ({error})") from None
-    try:
-        generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
-    except Exception as error:  # Keras raises many types for a damaged archive.
-        raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
+    generator, transform = load_trained_generator(run)
     latent_dim = generator.input_shape[-1]
     noise = np.random.default_rng(config.seed).standard_normal((config.generate, latent_dim)).astype(np.float32)
     samples = sample_images(generator, noise)

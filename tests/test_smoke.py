@@ -11,7 +11,7 @@ import gan_mnist
 import utils
 
 RUN_FILES = ("config.json", "real_samples.png", "random_samples.png", "history.json", "losses.png",
-             "progress.gif", "generator.keras")
+             "progress.gif", "generator.keras", "metrics.json", "metrics.png")
 
 
 def check_run(run_dir, epochs, steps_per_epoch, tile, images, grid=10, padding=2):
@@ -59,7 +59,7 @@ def generate_npz(module, run_dir, tmp_path, count, tile=28):
 def test_gan_trains_writes_every_output_and_generates(tmp_path, mnist_dir):
     run_dir = tmp_path / "gan"
     gan_mnist.main(["--epochs", "2", "--limit", "256", "--batch-size", "64", "--data-dir", str(mnist_dir),
-                    "--out", str(run_dir)])
+                    "--num-samples", "200", "--out", str(run_dir)])
     config = check_run(run_dir, epochs=2, steps_per_epoch=4, tile=28, images=256)
     assert config["batch_size"] == 64 and config["training_images"] == 256
     first = generate_npz(gan_mnist, run_dir, tmp_path, 100)
@@ -71,7 +71,7 @@ def test_gan_trains_writes_every_output_and_generates(tmp_path, mnist_dir):
 def test_dcgan_preset_trains_writes_every_output_and_generates(tmp_path, mnist_dir, arch, limit, batch, tile):
     run_dir = tmp_path / f"dcgan{arch}"
     dcgan_mnist.main(["--arch", arch, "--epochs", "1", "--limit", str(limit), "--batch-size", str(batch),
-                      "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+                      "--num-samples", "100", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
     config = check_run(run_dir, epochs=1, steps_per_epoch=2, tile=tile, images=limit)
     assert config["arch"] == arch and config["image_shape"] == [tile, tile, 1]
     generate_npz(dcgan_mnist, run_dir, tmp_path, 10, tile)
@@ -105,8 +105,8 @@ def test_the_last_batch_does_not_retrace_the_step(tmp_path, mnist_dir, monkeypat
         traced.append(train_step.experimental_get_tracing_count())
 
     monkeypatch.setattr(utils, "train", spy)
-    gan_mnist.main(["--epochs", "2", "--limit", "100", "--batch-size", "32", "--data-dir", str(mnist_dir),
-                    "--out", str(tmp_path / "run")])
+    gan_mnist.main(["--epochs", "2", "--limit", "100", "--batch-size", "32", "--eval-every", "0",
+                    "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")])
     assert traced == [1]
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["iterations"]["d_loss"]) == 2 * 3
@@ -115,7 +115,7 @@ def test_the_last_batch_does_not_retrace_the_step(tmp_path, mnist_dir, monkeypat
 def test_the_same_seed_repeats_a_run_exactly(tmp_path, mnist_dir):
     histories = []
     for name in ("first", "second"):
-        gan_mnist.main(["--epochs", "1", "--limit", "192", "--batch-size", "64", "--seed", "5",
+        gan_mnist.main(["--epochs", "1", "--limit", "192", "--batch-size", "64", "--seed", "5", "--eval-every", "0",
                         "--data-dir", str(mnist_dir), "--out", str(tmp_path / name)])
         histories.append(json.loads((tmp_path / name / "history.json").read_text())["iterations"])
     assert histories[0] == histories[1]

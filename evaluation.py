@@ -1,0 +1,231 @@
+"""Sample-quality figures for generated digits, from a small CNN classifier trained once on MNIST.
+
+- Fréchet distance (an MNIST "FID"): between the Gaussians fitted to the classifier's
+  penultimate-layer features of the generated set and of the MNIST test set. Lower is better.
+- Inception Score: exp(E_x[KL(p(y|x) || p(y))]) with the classifier's p(y|x); from 1 to 10.
+  High when each sample is a confident digit and the digits are varied.
+- Mode coverage: how many of the 10 classes receive a fair share (at least half of the uniform
+  1/10) of the predicted labels, and the KL divergence of the predicted-label histogram from uniform.
+- Confidence: the mean top-class probability; blurry or broken digits score low.
+
+The real-data floor is the same figures for 10,000 MNIST training images against the test set: the
+best a generator can hope for, in the same units. The classifier, the test set's feature statistics
+and the floor are computed once and cached, keyed by the data they were made from.
+
+This module works on arrays; `utils.load_evaluator` finds the data and the cache.
+"""
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+CLASSES = 10
+FAIR_SHARE = 0.5  # A class is covered when it gets at least half of its uniform share of samples.
+FLOOR_SAMPLES = 10_000  # Training images scored against the test set for the real-data floor.
+# Bump when the classifier's recipe changes, so old caches are not reused.
+RECIPE = "mnist-cnn-v1: 32-32-pool-64-64-pool-128, adam 1e-3, batch 128, 4 epochs, seed 0"
+FIGURES = ("fid", "inception_score", "classes_covered", "label_kl", "confidence")
+
+
+def check_images(images):
+    """Validate generated or real digits for scoring: uint8 (N, 28, 28) or (N, 28, 28, 1), 0..255.
+
+    Raises ValueError with a message that says what is wrong (shape, type or range).
+    """
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"expected images of shape (N, 28, 28), got {images.shape}")
+    if len(images) < 2:
+        raise ValueError(f"need at least 2 images to score, got {len(images)}")
+    if images.dtype != np.uint8:
+        low, high = (float(images.min()), float(images.max())) if images.size else (0, 0)
+        raise ValueError(f"expected uint8 images 0..255 (white on black), got {images.dtype} in "
+                         f"[{low:.3g}, {high:.3g}]; convert generator output with utils.to_mnist_uint8")
+    return images
+
+
+def build_classifier():
+    """The digit classifier: two conv blocks and a 128-unit feature layer (the FID features)."""
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),                                          # (N, 28, 28, 1) in [0, 1]
+        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),     # (N, 28, 28, 32)
+        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
+        keras.layers.MaxPooling2D(),                                       # (N, 14, 14, 32)
+        keras.layers.Conv2D(64, 3, activation="relu", padding="same"),     # (N, 14, 14, 64)
+        keras.layers.Conv2D(64, 3, activation="relu", padding="same"),
+        keras.layers.MaxPooling2D(),                                       # (N, 7, 7, 64)
+        keras.layers.Flatten(),
+        keras.layers.Dropout(0.3),
+        keras.layers.Dense(128, activation="relu", name="features"),       # (N, 128): the FID features
+        keras.layers.Dropout(0.3),
+        keras.layers.Dense(CLASSES, name="logits"),                        # (N, 10)
+    ], name="mnist_classifier")
+
+
+def _scaled(images):
+    return check_images(images).astype(np.float32)[..., None] / 255.0
+
+
+def data_key(*arrays):
+    """A short hash of the arrays' bytes and the classifier recipe: the cache key."""
+    digest = hashlib.sha256(RECIPE.encode())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_classifier(train_images, train_labels, test_images, test_labels, epochs=4, seed=0):
+    """Train the classifier deterministically (fixed seed, fixed order); return (model, test accuracy)."""
+    keras.utils.set_random_seed(seed)
+    model = build_classifier()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    order = np.random.default_rng(seed)
+    x, y = _scaled(train_images), train_labels.astype(np.int32)
+    for epoch in range(epochs):
+        permutation = order.permutation(len(x))
+        model.fit(x[permutation], y[permutation], batch_size=128, epochs=1, shuffle=False, verbose=0)
+    _, accuracy = model.evaluate(_scaled(test_images), test_labels.astype(np.int32), batch_size=1000, verbose=0)
+    return model, float(accuracy)
+
+
+class Evaluator:
+    """Scores sets of digits with the cached classifier against the MNIST test set's statistics."""
+
+    def __init__(self, classifier, reference_mean, reference_cov, floor, test_accuracy):
+        self.classifier = classifier
+        self.reference_mean = reference_mean
+        self.reference_cov = reference_cov
+        self.floor = floor
+        self.test_accuracy = test_accuracy
+        feature_layer = classifier.get_layer("features")
+        self._features_and_logits = keras.Model(classifier.inputs, [feature_layer.output, classifier.outputs[0]])
+        self._predict = tf.function(lambda x: self._features_and_logits(x, training=False), reduce_retracing=True)
+
+    def features_and_probabilities(self, images, batch_size=2000):
+        """Penultimate features (N, 128, float64) and class probabilities (N, 10) of uint8 digits."""
+        x = _scaled(images)
+        features, probabilities = [], []
+        for start in range(0, len(x), batch_size):
+            batch_features, logits = self._predict(tf.constant(x[start:start + batch_size]))
+            features.append(batch_features.numpy().astype(np.float64))
+            probabilities.append(tf.nn.softmax(logits).numpy().astype(np.float64))
+        return np.concatenate(features), np.concatenate(probabilities)
+
+    def evaluate(self, images):
+        """All the figures for one set of uint8 digits (N, 28, 28), as a dict of floats."""
+        features, probabilities = self.features_and_probabilities(images)
+        mean, cov = feature_statistics(features)
+        figures = {"fid": frechet_distance(mean, cov, self.reference_mean, self.reference_cov),
+                   "inception_score": inception_score(probabilities)}
+        figures.update(mode_coverage(probabilities))
+        figures["confidence"] = float(probabilities.max(axis=1).mean())
+        figures["samples"] = len(features)
+        return figures
+
+    @classmethod
+    def load_or_train(cls, cache_dir, train_images, train_labels, test_images, test_labels, log=print):
+        """The evaluator for this data: loaded from `cache_dir/<key>/`, else trained and cached there.
+
+        Training takes a couple of minutes on 2 CPU cores and happens once per data and recipe.
+        Files are written atomically, so an interrupted training leaves no half cache behind.
+        """
+        key = data_key(train_images, train_labels, test_images, test_labels)
+        directory = Path(cache_dir) / f"mnist-classifier-{key}"
+        files = {name: directory / name for name in ("classifier.keras", "reference.npz", "floor.json")}
+        if all(path.is_file() for path in files.values()):
+            classifier = keras.saving.load_model(files["classifier.keras"], compile=False, safe_mode=True)
+            with np.load(files["reference.npz"], allow_pickle=False) as reference:
+                mean, cov = reference["mean"], reference["cov"]
+            saved = json.loads(files["floor.json"].read_text())
+            return cls(classifier, mean, cov, saved["floor"], saved["test_accuracy"])
+
+        log(f"Training the evaluation classifier once (cached in {directory}) ...")
+        start = time.perf_counter()
+        classifier, accuracy = train_classifier(train_images, train_labels, test_images, test_labels)
+        evaluator = cls(classifier, None, None, None, accuracy)
+        test_features, _ = evaluator.features_and_probabilities(test_images)
+        evaluator.reference_mean, evaluator.reference_cov = feature_statistics(test_features)
+        evaluator.floor = evaluator.evaluate(train_images[:FLOOR_SAMPLES])
+        log(f"Classifier test accuracy {accuracy:.4f}, trained in {time.perf_counter() - start:.0f} s")
+
+        directory.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        temporary = {name: path.with_name(f".{path.stem}.tmp-{pid}{path.suffix}") for name, path in files.items()}
+        try:
+            classifier.save(temporary["classifier.keras"])
+            with open(temporary["reference.npz"], "wb") as handle:
+                np.savez(handle, mean=evaluator.reference_mean, cov=evaluator.reference_cov)
+            temporary["floor.json"].write_text(json.dumps(
+                {"floor": evaluator.floor, "test_accuracy": accuracy, "recipe": RECIPE,
+                 "floor_samples": FLOOR_SAMPLES}, indent=1) + "\n")
+            for name in ("classifier.keras", "reference.npz", "floor.json"):  # floor.json last: it marks done.
+                os.replace(temporary[name], files[name])
+        finally:
+            for path in temporary.values():
+                path.unlink(missing_ok=True)
+        return evaluator
+
+
+def feature_statistics(features):
+    """Mean and covariance of (N, D) features, in float64."""
+    features = np.asarray(features, np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mean_a, cov_a, mean_b, cov_b):
+    """||m_a - m_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)), the Fréchet distance of two Gaussians.
+
+    Tr((C_a C_b)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric
+    matrix C_a^(1/2) C_b C_a^(1/2), which has the same spectrum and is stable in float64.
+    """
+    values, vectors = np.linalg.eigh(cov_a)
+    sqrt_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = sqrt_a @ cov_b @ sqrt_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
+    return float(max(distance, 0.0))
+
+
+def inception_score(probabilities, eps=1e-12):
+    """exp(E_x[KL(p(y|x) || p(y))]) over the whole set (one split); between 1 and the class count."""
+    probabilities = np.asarray(probabilities, np.float64)
+    marginal = probabilities.mean(axis=0)
+    kl = np.sum(probabilities * (np.log(probabilities + eps) - np.log(marginal + eps)), axis=1)
+    return float(np.exp(kl.mean()))
+
+
+def mode_coverage(probabilities):
+    """Classes covered (at least FAIR_SHARE of 1/10 of the predicted labels), and KL(histogram || uniform)."""
+    predicted = np.asarray(probabilities).argmax(axis=1)
+    histogram = np.bincount(predicted, minlength=CLASSES) / len(predicted)
+    covered = int(np.sum(histogram >= FAIR_SHARE / CLASSES))
+    nonzero = histogram[histogram > 0]
+    return {"classes_covered": covered, "label_kl": float(np.sum(nonzero * np.log(nonzero * CLASSES))),
+            "label_histogram": [round(float(h), 4) for h in histogram]}
+
+
+def format_figures(figures, floor=None):
+    """One line per figure, with the real-data floor beside it when given."""
+    names = {"fid": "Frechet distance (MNIST features, lower is better)",
+             "inception_score": "Inception Score (of 10)",
+             "classes_covered": "classes covered (of 10)",
+             "label_kl": "label KL from uniform (nats)",
+             "confidence": "mean top-class confidence"}
+    lines = []
+    for key, name in names.items():
+        value = f"{figures[key]:.4g}" if isinstance(figures[key], float) else str(figures[key])
+        line = f"  {name:<52} {value:>9}"
+        if floor is not None:
+            floor_value = f"{floor[key]:.4g}" if isinstance(floor[key], float) else str(floor[key])
+            line += f"   (real data: {floor_value})"
+        lines.append(line)
+    return "\n".join(lines)
