@@ -141,7 +141,6 @@ def generator_loss(fake_logits):
 
 def main(argv=None):
     config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS)
-    preset = PRESETS[config.arch]
     run = utils.RunDirectory(config.out)
     if config.generate:
         utils.generate(config, run)
@@ -149,12 +148,14 @@ def main(argv=None):
     if config.evaluate:
         utils.evaluate_run(config, run)
         return
+    run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+    preset = PRESETS[config.arch]
 
     size = preset["image_size"]
     images = utils.load_training_images(config, size, preset["transform"])  # (60000, S, S, 1) in [-1, 1]
-    run.create()
+    run.create(config.overwrite)
 
-    keras.utils.set_random_seed(config.seed)
+    utils.seed_everything(config)
     generator = build_generator(config, preset)
     discriminator = build_discriminator(config, preset)
     g_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
@@ -188,7 +189,9 @@ def main(argv=None):
         return {"d_loss": d_loss, "g_loss": g_loss,
                 "d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
 
-    utils.train(config, run, images, train_step, generator, preset["transform"])
+    state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
+                 d_optimizer=d_optimizer, noise_rng=noise_rng)
+    utils.train(config, run, images, train_step, state, preset["transform"])
 
 
 if __name__ == "__main__":

@@ -107,11 +107,12 @@ def main(argv=None):
     if config.evaluate:
         utils.evaluate_run(config, run)
         return
+    run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
 
     images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1]
-    run.create()
+    run.create(config.overwrite)
 
-    keras.utils.set_random_seed(config.seed)
+    utils.seed_everything(config)
     generator = build_generator(config)
     discriminator = build_discriminator(config)
     g_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
@@ -145,7 +146,9 @@ def main(argv=None):
         return {"d_loss": d_loss, "g_loss": g_loss,
                 "d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
 
-    utils.train(config, run, images, train_step, generator)
+    state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
+                 d_optimizer=d_optimizer, noise_rng=noise_rng)
+    utils.train(config, run, images, train_step, state)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
 import urllib.request
 import zipfile
@@ -94,6 +97,9 @@ def run_main(main, argv=None):
     except DataError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(1)
+    except TrainingStopped as stopped:
+        print(f"{program}: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +177,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     script_name = Path(script_path).stem
     parser = _OneLineParser(
         prog=Path(script_path).name,
+        allow_abbrev=False,  # A flag is its full name, so --resume can tell which ones were given.
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -209,13 +216,24 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
                      help="do not train: load the run's trained generator (--out) and write an N-sample grid")
     run.add_argument("--samples-npz", metavar="FILE", default=None,
                      help="with --generate: also write the samples as uint8 (N, 28, 28) under the key 'images'")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint, with its saved hyperparameters "
+                          "(--epochs may grow)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run that --out already holds")
+    run.add_argument("--deterministic", action="store_true",
+                     help="enable TensorFlow's op determinism, for bit-exact repeats on GPUs (slower)")
     run.add_argument("--evaluate", action="store_true",
                      help="do not train: score the run's trained generator (--out) on --num-samples samples")
     run.add_argument("--num-samples", metavar="N", type=_parse_value(int, "--num-samples"), default=10_000,
                      help="samples scored by each evaluation (default: 10000, the size of the MNIST test set)")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     config = SimpleNamespace(**vars(args))
+    # The hyperparameters given on the command line (not taken from the script's defaults).
+    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    config.explicit = {key for key in names if _flag(key) in given or _flag(key).replace("--", "--no-") in given}
 
     # Fill the preset's defaults for the constants left as None, then check every value.
     if presets:
@@ -624,6 +642,19 @@ def plot_history(path, history):
     plt.close(figure)
 
 
+class TrainingStopped(Exception):
+    """Training stopped before its last epoch: interrupted (exit 128 + signal) or diverged (exit 1)."""
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# What --resume may change: the length of the run and how often it is scored. Anything else would
+# make the resumed run a different experiment, so it is refused.
+RESUMABLE_CHANGES = ("epochs", "eval_every")
+
+
 class RunDirectory:
     """One run's directory, `results/<run-name>/`, and the names of everything written into it."""
 
@@ -641,18 +672,69 @@ class RunDirectory:
         self.generator = self.path / "generator.keras"
         self.generated = self.path / "generated_samples.png"
         self.tensorboard = self.path / "tensorboard"
+        self.checkpoints = self.path / "checkpoints"
 
     def epoch_grid(self, epoch):
         """The fixed-noise grid after `epoch` (zero-padded, so sorting by name sorts by time)."""
         return self.path / f"epoch_{epoch:03d}.png"
 
-    def create(self):
-        """Create the directory, or raise DataError naming it if it cannot be created and written."""
+    def holds_a_run(self):
+        return self.config.is_file() or self.checkpoints.is_dir()
+
+    def prepare(self, config):
+        """Check, before anything is built, that training may start here; with --resume, adopt the run's config.
+
+        A directory that already holds a run needs --resume (continue it) or --overwrite (replace
+        it). With --resume, every hyperparameter not given on the command line takes the run's
+        saved value, and one given with another value is refused (except RESUMABLE_CHANGES),
+        naming each difference; the checkpoint is left untouched.
+        """
+        if config.resume and config.overwrite:
+            raise UsageError("argument --resume: not allowed with --overwrite")
+        if not config.resume:
+            if self.holds_a_run() and not config.overwrite:
+                raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, "
+                                 f"--overwrite to replace it, or --out to start another")
+            return
+        if not tf.train.latest_checkpoint(self.checkpoints):
+            raise UsageError(f"argument --resume: no checkpoint in {self.checkpoints} to resume from")
+        try:
+            saved = json.loads(self.config.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{self.config}: cannot read the run's configuration ({error})") from None
+        if saved.get("script") != config.script:
+            raise UsageError(f"argument --resume: {self.path} holds a {saved.get('script')} run, "
+                             f"not a {config.script} run")
+        differences = []
+        for key in config.hyperparameters:
+            if key not in saved:
+                continue
+            if key in config.explicit and getattr(config, key) != saved[key]:
+                if key not in RESUMABLE_CHANGES:
+                    differences.append(f"{_flag(key)} {getattr(config, key)} (the run has {saved[key]})")
+            else:
+                setattr(config, key, saved[key])
+        if differences:
+            raise UsageError(f"argument --resume: {self.path} was trained with other settings: "
+                             f"{'; '.join(differences)}. Start a new run with --out, or --overwrite")
+
+    def create(self, overwrite=False):
+        """Create the directory (emptied of an earlier run's outputs with `overwrite`); DataError if unwritable."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            for leftover in self.path.glob(".*.tmp-*"):  # From a process killed while writing.
+                leftover.unlink()
+            if overwrite:
+                for path in [*self.path.glob("epoch_[0-9]*.png"), self.config, self.history, self.loss_plot,
+                             self.metrics_plot, self.metrics, self.evaluation, self.real_samples,
+                             self.random_samples, self.progress_gif, self.generator, self.generated]:
+                    path.unlink(missing_ok=True)
+                for directory in (self.checkpoints, self.tensorboard):
+                    if directory.is_dir():
+                        shutil.rmtree(directory)
         except OSError as error:
             raise DataError(f"{self.path}: cannot write the run directory ({error.strerror or error})") from None
         return self
@@ -676,8 +758,8 @@ class _StatusLine:
         elif step % max(1, steps // 10) == 0 and step < steps:
             print(text, flush=True)
 
-    def finish_epoch(self, text):
-        """Replace the running line with the epoch's summary."""
+    def finish_line(self, text):
+        """Replace the running line with `text`."""
         print(("\r\033[K" if self.interactive else "") + text, flush=True)
 
 
@@ -686,11 +768,49 @@ def _describe(values):
             f"D(x) {values['d_real']:.2f} D(G(z)) {values['d_fake']:.2f}")
 
 
-def make_dataset(images, batch_size, seed):
-    """Shuffle (reshuffled every epoch, repeatably from `seed`) and batch, dropping the ragged last batch."""
-    dataset = tf.data.Dataset.from_tensor_slices(images)
-    dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+class _StopRequests:
+    """While active, SIGINT (Ctrl-C) and SIGTERM ask training to stop after the current step.
+
+    A second Ctrl-C stops at once, as usual. Outside the main thread signals cannot be caught, and
+    this does nothing.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: saving after this step "
+              f"(Ctrl-C again stops at once, losing the epoch in progress)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def seed_everything(config):
+    """Seed Python, numpy and TensorFlow from --seed; with --deterministic, make TensorFlow's ops repeatable."""
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def epoch_batches(seed, epoch, count, steps, batch_size):
+    """The image indices of each step of one epoch, (steps, batch_size): a permutation fixed by (seed, epoch).
+
+    Because the order depends on nothing else, a resumed run sees exactly the batches that an
+    uninterrupted one would, even from the middle of an epoch. The ragged last batch is dropped.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(count)[:steps * batch_size].reshape(steps, batch_size)
 
 
 def sample_images(generator, noise, batch_size=500):
@@ -699,90 +819,153 @@ def sample_images(generator, noise, batch_size=500):
     return np.concatenate(outputs)
 
 
-def train(config, run, images, train_step, generator, transform="none"):
+def _write_pictures(run, history, epochs_done, evaluator):
+    """The history, the loss and metric plots, and the GIF of every epoch grid so far."""
+    save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
+    plot_history(run.loss_plot, history)
+    if evaluator and history["evaluations"]:
+        plot_metrics(run.metrics_plot, history["evaluations"], evaluator.floor)
+    save_gif(run.progress_gif, [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
+
+
+def train(config, run, images, train_step, state, transform="none"):
     """The epoch loop and its bookkeeping, shared by both scripts.
 
     `train_step(batch)` runs one D update and one G update and returns the batch's d_loss, g_loss
-    and mean D(x), D(G(z)). Around it, this writes into `run`: config.json, real_samples.png, one
-    fixed-noise grid per epoch, the history (history.json) and loss plot after every epoch, the
-    trained generator (generator.keras), TensorBoard events, and at the end random_samples.png and
-    progress.gif. Every `config.eval_every` epochs and after the last, it scores `config.num_samples`
-    samples (see evaluation.py), adds the figures to the history and metrics.png, and writes the
-    final ones to metrics.json.
+    and mean D(x), D(G(z)). `state` names everything a checkpoint must hold to go on: the models
+    (`generator`, `discriminator`), their optimizers and the noise generator (`noise_rng`).
+
+    Around the steps, this writes into `run`: config.json, real_samples.png, one fixed-noise grid
+    per epoch, the history (history.json), loss plot and trained generator (generator.keras) after
+    every epoch, TensorBoard events, a checkpoint of the whole state after every epoch (the last
+    three kept), and at the end random_samples.png and progress.gif. Every `config.eval_every`
+    epochs and after the last, it scores `config.num_samples` samples (see evaluation.py), adds the
+    figures to the history and metrics.png, and writes the final ones to metrics.json.
+
+    With `config.resume` it goes on from the last checkpoint. SIGINT or SIGTERM stops it after the
+    current step with a checkpoint saved; a non-finite loss stops it keeping the last good
+    checkpoint. Both raise TrainingStopped.
     """
+    generator = state["generator"]
     evaluator = load_evaluator(config.data_dir) if config.eval_every else None
     devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
     print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}")
+    grid_size = config.sample_grid
+    steps = len(images) // config.batch_size
+
+    # The checkpoint: the models, optimizers and noise generator, the fixed noise of the progress
+    # grids, how far training got (completed epochs, and steps into the next after an interrupt),
+    # and the history, so that all of it is saved and restored together.
+    fixed_noise = np.random.default_rng(config.seed).standard_normal((grid_size * grid_size, config.latent_dim))
+    progress = {"fixed_noise": tf.Variable(fixed_noise.astype(np.float32), trainable=False),
+                "epochs_done": tf.Variable(0, dtype=tf.int64, trainable=False),
+                "steps_into_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+                "history": tf.Variable("", dtype=tf.string, trainable=False)}
+    # Keras 3 models are not tracked by tf.train.Checkpoint, so their variables go in as lists (all
+    # of them: weights, batch-norm statistics and the dropout layers' random-number state).
+    tracked = {name: list(value.variables) if isinstance(value, keras.Model) else value for name, value in state.items()}
+    checkpoint = tf.train.Checkpoint(**tracked, **progress)
+    manager = tf.train.CheckpointManager(checkpoint, str(run.checkpoints), max_to_keep=3)
+    history = {"iterations": {key: [] for key in METRICS}, "epochs": [], "evaluations": [], "total_seconds": 0.0}
+    if config.resume:
+        try:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise DataError(f"{manager.latest_checkpoint}: does not fit this model ({str(error).splitlines()[0]})") from None
+        history = json.loads(progress["history"].numpy().decode())
+    epochs_done, skip = int(progress["epochs_done"].numpy()), int(progress["steps_into_epoch"].numpy())
+    if config.resume and epochs_done >= config.epochs:
+        raise UsageError(f"argument --epochs: the run in {run.path} has already trained {epochs_done} epochs; "
+                         f"pass a larger --epochs to train on")
+    fixed_noise = progress["fixed_noise"].numpy()
+
     config_data = config_dict(config) | {"transform": transform, "image_shape": list(images.shape[1:]),
                                          "training_images": len(images), "tensorflow": tf.__version__}
     save_json(run.config, config_data)
-    grid_size = config.sample_grid
     save_png(run.real_samples, image_grid(images[:grid_size * grid_size], grid_size))
-
-    # One fixed batch of noise, drawn before training, so every epoch's grid shows the same z.
-    fixed_noise = np.random.default_rng(config.seed).standard_normal((grid_size * grid_size, config.latent_dim))
-    fixed_noise = fixed_noise.astype(np.float32)
-    dataset = make_dataset(images, config.batch_size, config.seed)
-    steps = len(images) // config.batch_size
-    history = {"iterations": {key: [] for key in METRICS}, "epochs": [], "evaluations": [], "total_seconds": 0.0}
     writer = tf.summary.create_file_writer(str(run.tensorboard))
+    images = tf.constant(images)  # Once, on the device; each step gathers its batch from it.
     status = _StatusLine(config.epochs)
-    print(f"Training {config.script} for {config.epochs} epochs of {steps} steps "
-          f"(batch {config.batch_size}, {len(images)} images); outputs in {run.path}")
-    start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        epoch_start = time.perf_counter()
-        sums = dict.fromkeys(METRICS, 0.0)
-        for step, batch in enumerate(dataset, start=1):
-            values = {key: float(value) for key, value in train_step(batch).items()}
-            for key in METRICS:
-                history["iterations"][key].append(values[key])
-                sums[key] += values[key]
-            global_step = (epoch - 1) * steps + step
-            with writer.as_default(step=global_step):
-                for key in METRICS:
-                    tf.summary.scalar(f"iteration/{key}", values[key])
-            elapsed = time.perf_counter() - epoch_start
-            status.update(epoch, step, steps, step * config.batch_size / elapsed, values)
-        seconds = time.perf_counter() - epoch_start
-        means = {key: sums[key] / steps for key in METRICS}
-        history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
-                                  "images_per_second": round(steps * config.batch_size / seconds, 1)})
+    where = f"resuming after epoch {epochs_done}" + (f", step {skip}" if skip else "") if config.resume else "from scratch"
+    print(f"Training {config.script} for {config.epochs} epochs of {steps} steps (batch {config.batch_size}, "
+          f"{len(images)} images), {where}; outputs in {run.path}")
 
-        # Everything a user looks at between epochs: the grid, the plot, the history, the generator.
-        grid = image_grid(sample_images(generator, fixed_noise), grid_size)
-        save_png(run.epoch_grid(epoch), grid)
-        with writer.as_default(step=epoch * steps):
-            for key in METRICS:
-                tf.summary.scalar(f"epoch/{key}", means[key])
-            tf.summary.scalar("epoch/seconds", seconds)
-            tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
-        if evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform)
-            history["evaluations"].append({"epoch": epoch, **figures})
+    def save_checkpoint(epochs_completed, steps_into_epoch):
+        progress["epochs_done"].assign(epochs_completed)
+        progress["steps_into_epoch"].assign(steps_into_epoch)
+        progress["history"].assign(json.dumps(history))
+        manager.save(checkpoint_number=epochs_completed * steps + steps_into_epoch)
+
+    session_start = time.perf_counter() - history["total_seconds"]
+    with _StopRequests() as stop:
+        for epoch in range(epochs_done + 1, config.epochs + 1):
+            first_step = skip if epoch == epochs_done + 1 else 0
+            partial = history.pop("partial_epoch", None) if first_step else None
+            epoch_start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+            batches = epoch_batches(config.seed, epoch, len(images), steps, config.batch_size)
+            for step in range(first_step + 1, steps + 1):
+                values = {key: float(value) for key, value in train_step(tf.gather(images, batches[step - 1])).items()}
+                bad = [key for key in METRICS if not math.isfinite(values[key])]
+                if bad:
+                    kept = tf.train.latest_checkpoint(run.checkpoints)
+                    raise TrainingStopped(
+                        f"{bad[0]} is {values[bad[0]]} at epoch {epoch}, step {step}: training diverged and "
+                        f"stopped; " + (f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint yet")
+                        + " (try a lower --lr)", 1)
+                for key in METRICS:
+                    history["iterations"][key].append(values[key])
+                with writer.as_default(step=(epoch - 1) * steps + step):
+                    for key in METRICS:
+                        tf.summary.scalar(f"iteration/{key}", values[key])
+                elapsed = time.perf_counter() - epoch_start
+                status.update(epoch, step, steps, (step - first_step) * config.batch_size
+                              / max(elapsed - (partial["seconds"] if partial else 0.0), 1e-9), values)
+                if stop.signal and step < steps:
+                    history["partial_epoch"] = {"epoch": epoch, "step": step, "seconds": round(elapsed, 3)}
+                    history["total_seconds"] = round(time.perf_counter() - session_start, 3)
+                    save_checkpoint(epoch - 1, step)
+                    _write_pictures(run, history, epoch - 1, evaluator)
+                    writer.close()
+                    raise _interrupted(stop.signal, config, run, f"epoch {epoch}, step {step}/{steps}")
+            seconds = time.perf_counter() - epoch_start
+            means = {key: float(np.mean(history["iterations"][key][-steps:])) for key in METRICS}
+            history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
+                                      "images_per_second": round(steps * config.batch_size / seconds, 1)})
+            status.finish_line(f"epoch {epoch}/{config.epochs} | {_describe(means)} | {seconds:.1f} s, "
+                               f"{steps * config.batch_size / seconds:.0f} img/s | {run.epoch_grid(epoch).name}")
+
+            # Everything a user looks at between epochs: the grid, the plots, the history, the
+            # generator; then the checkpoint, last, so that it never runs ahead of them.
+            grid = image_grid(sample_images(generator, fixed_noise), grid_size)
+            save_png(run.epoch_grid(epoch), grid)
             with writer.as_default(step=epoch * steps):
-                for key in evaluation.FIGURES:
-                    tf.summary.scalar(f"evaluation/{key}", figures[key])
-            plot_metrics(run.metrics_plot, history["evaluations"], evaluator.floor)
-            print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
-                  f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/10 classes, "
-                  f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)")
-        writer.flush()
-        history["total_seconds"] = round(time.perf_counter() - start, 3)
-        save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
-        plot_history(run.loss_plot, history)
-        with atomic_path(run.generator) as temporary:
-            generator.save(temporary)
-        status.finish_epoch(f"epoch {epoch}/{config.epochs} | {_describe(means)} | {seconds:.1f} s, "
-                            f"{steps * config.batch_size / seconds:.0f} img/s | {run.epoch_grid(epoch).name}")
+                for key in METRICS:
+                    tf.summary.scalar(f"epoch/{key}", means[key])
+                tf.summary.scalar("epoch/seconds", seconds)
+                tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
+            if evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
+                figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform)
+                history["evaluations"].append({"epoch": epoch, **figures})
+                with writer.as_default(step=epoch * steps):
+                    for key in evaluation.FIGURES:
+                        tf.summary.scalar(f"evaluation/{key}", figures[key])
+                print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
+                      f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/10 classes, "
+                      f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)")
+            writer.flush()
+            history["total_seconds"] = round(time.perf_counter() - session_start, 3)
+            with atomic_path(run.generator) as temporary:
+                generator.save(temporary)
+            _write_pictures(run, history, epoch, evaluator)
+            save_checkpoint(epoch, 0)
+            if stop.signal and epoch < config.epochs:
+                writer.close()
+                raise _interrupted(stop.signal, config, run, f"the end of epoch {epoch}")
 
     random_noise = np.random.default_rng(config.seed + 1).standard_normal((grid_size * grid_size, config.latent_dim))
     save_png(run.random_samples, image_grid(sample_images(generator, random_noise.astype(np.float32)), grid_size))
-    save_gif(run.progress_gif, [run.epoch_grid(e) for e in range(1, config.epochs + 1)])
     writer.close()
-    total = time.perf_counter() - start
-    history["total_seconds"] = round(total, 3)
-    save_json(run.history, history, indent=None)
+    total = history["total_seconds"]
     print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
           f"Outputs in {run.path}")
     if evaluator:
@@ -792,6 +975,12 @@ def train(config, run, images, train_step, generator, transform="none"):
         print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; written to "
               f"{run.metrics.name}):\n{evaluation.format_figures(final, evaluator.floor)}")
     return history
+
+
+def _interrupted(signum, config, run, where):
+    return TrainingStopped(
+        f"{signal.Signals(signum).name}: stopped at {where} and saved a checkpoint, the history, the plots and "
+        f"the GIF so far. Resume with: python {config.script}.py --out {run.path} --resume", 128 + signum)
 
 
 def evaluate_generator(evaluator, generator, count, seed, transform):

@@ -1,0 +1,226 @@
+"""Never lose a run: checkpoints and --resume, refusals, SIGINT/SIGTERM/SIGKILL, the NaN guard, safe loading."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import dcgan_mnist
+import gan_mnist
+import utils
+from conftest import REPO
+
+QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]
+
+
+def history_of(run_dir):
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def generator_weights(run_dir):
+    return keras.saving.load_model(run_dir / "generator.keras", compile=False).get_weights()
+
+
+@pytest.mark.parametrize("module, extra", [(gan_mnist, []), (dcgan_mnist, ["--limit", "96", "--batch-size", "32"])])
+def test_resumed_run_equals_a_straight_run_exactly(tmp_path, mnist_dir, module, extra):
+    flags = QUICK + extra + ["--data-dir", str(mnist_dir)]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    module.main(flags + ["--epochs", "2", "--out", str(straight)])
+    module.main(flags + ["--epochs", "1", "--out", str(resumed)])
+    module.main(["--resume", "--epochs", "2", "--out", str(resumed), "--data-dir", str(mnist_dir)])
+    for a, b in zip(generator_weights(straight), generator_weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert history_of(straight)["iterations"] == history_of(resumed)["iterations"]
+    assert [e["epoch"] for e in history_of(resumed)["epochs"]] == [1, 2]
+    assert sorted(p.name for p in resumed.glob("epoch_*.png")) == ["epoch_001.png", "epoch_002.png"]
+    assert json.loads((resumed / "config.json").read_text())["epochs"] == 2
+
+
+def checkpoint_files(run_dir):
+    return {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+
+
+@pytest.mark.parametrize("module, change, named", [
+    (gan_mnist, ["--latent-dim", "64"], "--latent-dim 64 (the run has 100)"),
+    (dcgan_mnist, ["--arch", "32"], "--arch 32 (the run has 28)"),
+    (dcgan_mnist, ["--kernel-size", "3", "--lr", "1e-3"], "--kernel-size 3 (the run has 5); --lr 0.001"),
+])
+def test_resume_with_other_settings_is_refused_and_the_checkpoint_untouched(tmp_path, mnist_dir, capsys,
+                                                                            module, change, named):
+    run_dir = tmp_path / "run"
+    module.main(QUICK + ["--limit", "64", "--batch-size", "32", "--epochs", "1", "--data-dir", str(mnist_dir),
+                         "--out", str(run_dir)])
+    before = checkpoint_files(run_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(module.main, ["--resume", "--epochs", "2", "--out", str(run_dir)] + change)
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err
+    assert named in error and error.count("\n") == 1
+    assert checkpoint_files(run_dir) == before
+
+
+def test_an_existing_run_is_not_clobbered_without_resume_or_overwrite(tmp_path, mnist_dir, capsys):
+    run_dir = tmp_path / "run"
+    flags = QUICK + ["--data-dir", str(mnist_dir), "--out", str(run_dir)]
+    gan_mnist.main(flags + ["--epochs", "2"])
+    first_grid = (run_dir / "epoch_001.png").read_bytes()
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, flags + ["--epochs", "1", "--seed", "4"])
+    assert exit_status.value.code == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (run_dir / "epoch_001.png").read_bytes() == first_grid and (run_dir / "epoch_002.png").exists()
+
+    gan_mnist.main(flags + ["--epochs", "1", "--seed", "4", "--overwrite"])
+    assert not (run_dir / "epoch_002.png").exists()  # The old run's outputs are gone ...
+    assert (run_dir / "epoch_001.png").read_bytes() != first_grid  # ... and replaced by the new run's.
+    assert len(history_of(run_dir)["epochs"]) == 1
+
+
+def test_resume_without_a_checkpoint_and_past_the_end_are_refused(tmp_path, mnist_dir, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, ["--resume", "--out", str(tmp_path / "none")])
+    assert exit_status.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, ["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
+    assert exit_status.value.code == 2 and "already trained 1 epochs" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Interruption: SIGINT, SIGTERM and SIGKILL on a real training process
+# ------------------------------------------------------------------------------------------------
+
+SLOW = ["--limit", "3200", "--batch-size", "32", "--eval-every", "0", "--seed", "3"]  # 100 steps per epoch.
+
+
+def start_training(run_dir, mnist_dir, *flags):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), *SLOW, *flags, "--data-dir", str(mnist_dir),
+                             "--out", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+
+
+def wait_for_line(process, text, timeout=120):
+    """Read the process's output until a line containing `text`; return the lines read."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    process.kill()
+    pytest.fail(f"never saw {text!r}; output: {''.join(lines)} {process.stderr.read()}")
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_everything_mid_epoch_and_resume_is_exact(tmp_path, mnist_dir, signum, status):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, mnist_dir, "--epochs", "2")
+    wait_for_line(process, "epoch 2/2 step 20/100")  # In the middle of the second epoch.
+    process.send_signal(signum)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == status
+    assert f"Resume with: python gan_mnist.py --out {run_dir} --resume" in error
+    history = history_of(run_dir)
+    assert [e["epoch"] for e in history["epochs"]] == [1] and history["partial_epoch"]["epoch"] == 2
+    steps_saved = len(history["iterations"]["d_loss"])
+    assert 120 <= steps_saved < 200  # Epoch 1, and the steps of epoch 2 finished before the signal.
+    assert (run_dir / "progress.gif").is_file() and (run_dir / "losses.png").is_file()
+
+    gan_mnist.main(["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
+    straight = tmp_path / "straight"
+    gan_mnist.main(SLOW + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(straight)])
+    assert history_of(run_dir)["iterations"] == history_of(straight)["iterations"]
+    assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1, 2]
+    assert "partial_epoch" not in history_of(run_dir)
+
+
+def test_kill_9_loses_at_most_the_epoch_in_progress(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, mnist_dir, "--epochs", "3")
+    wait_for_line(process, "epoch 2/3 step 50/100")
+    process.kill()  # SIGKILL: no handler runs.
+    process.communicate(timeout=60)
+    assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1]
+    json.loads((run_dir / "config.json").read_text())  # Every file is whole.
+
+    gan_mnist.main(["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
+    history = history_of(run_dir)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    assert len(history["iterations"]["g_loss"]) == 3 * 100  # No step missing or doubled.
+    assert sorted(p.name for p in run_dir.glob("epoch_*.png")) == [f"epoch_{e:03d}.png" for e in (1, 2, 3)]
+    assert not list(run_dir.glob(".*.tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad numbers and unsafe files
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_dir, monkeypatch, capsys):
+    original = utils.train
+
+    def train_with_a_fault(config, run, images, train_step, *args):
+        calls = []
+
+        def faulty_step(batch):
+            calls.append(1)
+            values = train_step(batch)
+            return values | {"g_loss": float("nan")} if len(calls) == 5 else values  # Epoch 2, step 2.
+
+        return original(config, run, images, faulty_step, *args)
+
+    monkeypatch.setattr(utils, "train", train_with_a_fault)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, QUICK + ["--epochs", "3", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    assert exit_status.value.code == 1
+    error = capsys.readouterr().err
+    assert "g_loss is nan at epoch 2, step 2" in error and "ckpt-3, is kept" in error
+    assert Path(utils.tf.train.latest_checkpoint(run_dir / "checkpoints")).name == "ckpt-3"  # End of epoch 1.
+    assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1]
+
+
+def test_an_absurd_learning_rate_is_caught_by_the_guard(tmp_path, mnist_dir, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, QUICK + ["--epochs", "2", "--lr", "1e30", "--data-dir", str(mnist_dir),
+                                                "--out", str(tmp_path / "run")])
+    assert exit_status.value.code == 1
+    assert "training diverged" in capsys.readouterr().err
+
+
+def test_a_generator_file_with_code_in_it_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda z: z * 2)])
+    model.save(run_dir / "generator.keras")
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(utils.DataError, match="cannot load the generator"):
+        utils.load_trained_generator(utils.RunDirectory(run_dir))
+
+
+def test_nothing_is_loaded_with_pickle_or_outside_keras_safe_mode():
+    for path in [*REPO.glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(name.split(".")[0] in ("pickle", "cPickle", "dill") for name in names), path
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+                if node.func.attr == "load" and getattr(node.func.value, "id", "") == "np":
+                    assert keywords.get("allow_pickle") is False, f"{path}:{node.lineno}"
+                if node.func.attr == "load_model":
+                    assert keywords.get("safe_mode") is True, f"{path}:{node.lineno}"
