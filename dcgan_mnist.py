@@ -89,7 +89,8 @@ def build_generator(config, preset):
         # (N, h, w, c) -> (N, 2h, 2w, channels); no batch norm on the output, which is tanh.
         layers.append(keras.layers.Conv2DTranspose(
             channels, config.kernel_size, strides=2, padding="same", use_bias=is_output,
-            kernel_initializer=weights(), activation="tanh" if is_output else None))
+            kernel_initializer=weights(), activation="tanh" if is_output else None,
+            dtype="float32" if is_output else None))  # Images in float32 under any precision.
         if not is_output:
             layers += [batch_norm(config), keras.layers.ReLU()]
     return keras.Sequential(layers, name="generator")
@@ -108,7 +109,7 @@ def build_discriminator(config, preset):
         layers.append(keras.layers.LeakyReLU(config.leaky_slope))
     layers += [
         keras.layers.Flatten(),
-        keras.layers.Dense(1, kernel_initializer=weights()),                       # (N, 1) logit
+        keras.layers.Dense(1, kernel_initializer=weights(), dtype="float32"),      # (N, 1) logit, float32
     ]
     return keras.Sequential(layers, name="discriminator")
 
@@ -139,33 +140,18 @@ def generator_loss(fake_logits):
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS)
-    run = utils.RunDirectory(config.out)
-    if config.generate:
-        utils.generate(config, run)
-        return
-    if config.evaluate:
-        utils.evaluate_run(config, run)
-        return
-    run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
-    preset = PRESETS[config.arch]
+def build_training(config, preset):
+    """The two models, their optimizers and one training step: (train_step, state).
 
-    size = preset["image_size"]
-    images = utils.load_training_images(config, size, preset["transform"])  # (60000, S, S, 1) in [-1, 1]
-    run.create(config.overwrite)
-
-    utils.seed_everything(config)
+    `utils.train` calls it under the chosen precision policy and runs `train_step` inside its
+    compiled loop; `state` is what a checkpoint holds.
+    """
     generator = build_generator(config, preset)
     discriminator = build_discriminator(config, preset)
-    g_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
-    d_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
-    # Create the optimizers' slots now, eagerly, so the traced step does not create variables.
-    g_optimizer.build(generator.trainable_variables)
-    d_optimizer.build(discriminator.trainable_variables)
+    g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
+    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
 
-    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)])
     def train_step(real_images):
         batch_size = tf.shape(real_images)[0]
 
@@ -176,14 +162,14 @@ def main(argv=None):
             real_logits = discriminator(real_images, training=True)
             fake_logits = discriminator(fake_images, training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
-        gradients = tape.gradient(d_loss, discriminator.trainable_variables)
+        gradients = tape.gradient(d_optimizer.scale_loss(d_loss), discriminator.trainable_variables)
         d_optimizer.apply_gradients(zip(gradients, discriminator.trainable_variables))
 
         # update G: maximize log D(G(z)) on fresh noise, against the D just updated
         noise = noise_rng.normal((batch_size, config.latent_dim))
         with tf.GradientTape() as tape:
             g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
-        gradients = tape.gradient(g_loss, generator.trainable_variables)
+        gradients = tape.gradient(g_optimizer.scale_loss(g_loss), generator.trainable_variables)
         g_optimizer.apply_gradients(zip(gradients, generator.trainable_variables))
 
         return {"d_loss": d_loss, "g_loss": g_loss,
@@ -191,7 +177,32 @@ def main(argv=None):
 
     state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)
-    utils.train(config, run, images, train_step, state, preset["transform"])
+    return train_step, state
+
+
+def main(argv=None):
+    config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS)
+    run = utils.RunDirectory(config.out)
+    if config.generate:
+        utils.generate(config, run)
+        return
+    if config.evaluate:
+        utils.evaluate_run(config, run)
+        return
+    if not config.benchmark:
+        run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+    preset = PRESETS[config.arch]
+    utils.resolve_speed_settings(config, default_steps_per_call=1)  # Steps of ~0.3 s: no overhead to hide.
+    images = utils.load_training_images(config, preset["image_size"], preset["transform"])  # (N, S, S, 1) in [-1, 1]
+
+    def build(settings):
+        return build_training(settings, preset)
+
+    if config.benchmark:
+        utils.benchmark(config, images, build)
+        return
+    run.create(config.overwrite)
+    utils.train(config, run, images, build, preset["transform"])
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def build_generator(config):
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
-        keras.layers.Dense(28 * 28, activation="tanh"),           # (N, 784), like images scaled to [-1, 1]
+        keras.layers.Dense(28 * 28, activation="tanh", dtype="float32"),  # (N, 784) in [-1, 1], like the images
         keras.layers.Reshape(IMAGE_SHAPE),                        # (N, 28, 28, 1)
     ], name="generator")
 
@@ -68,7 +68,7 @@ def build_discriminator(config):
         keras.layers.Dense(256),                                  # (N, 256)
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dropout(config.dropout),
-        keras.layers.Dense(1),                                    # (N, 1) logit; the sigmoid is in the loss
+        keras.layers.Dense(1, dtype="float32"),                   # (N, 1) logit; the sigmoid is in the loss
     ], name="discriminator")
 
 
@@ -98,31 +98,18 @@ def generator_loss(fake_logits):
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    config = utils.parse_config(__file__, globals(), argv, description=__doc__)
-    run = utils.RunDirectory(config.out)
-    if config.generate:
-        utils.generate(config, run)
-        return
-    if config.evaluate:
-        utils.evaluate_run(config, run)
-        return
-    run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+def build_training(config):
+    """The two models, their optimizers and one training step: (train_step, state).
 
-    images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1]
-    run.create(config.overwrite)
-
-    utils.seed_everything(config)
+    `utils.train` calls it under the chosen precision policy and runs `train_step` inside its
+    compiled loop; `state` is what a checkpoint holds.
+    """
     generator = build_generator(config)
     discriminator = build_discriminator(config)
-    g_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
-    d_optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
-    # Create the optimizers' slots now, eagerly, so the traced step does not create variables.
-    g_optimizer.build(generator.trainable_variables)
-    d_optimizer.build(discriminator.trainable_variables)
+    g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
+    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
 
-    @tf.function(input_signature=[tf.TensorSpec((None,) + IMAGE_SHAPE, tf.float32)])
     def train_step(real_images):
         batch_size = tf.shape(real_images)[0]
 
@@ -133,14 +120,14 @@ def main(argv=None):
             real_logits = discriminator(real_images, training=True)
             fake_logits = discriminator(fake_images, training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
-        gradients = tape.gradient(d_loss, discriminator.trainable_variables)
+        gradients = tape.gradient(d_optimizer.scale_loss(d_loss), discriminator.trainable_variables)
         d_optimizer.apply_gradients(zip(gradients, discriminator.trainable_variables))
 
         # update G: maximize log D(G(z)) on fresh noise, against the D just updated
         noise = noise_rng.normal((batch_size, config.latent_dim))
         with tf.GradientTape() as tape:
             g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
-        gradients = tape.gradient(g_loss, generator.trainable_variables)
+        gradients = tape.gradient(g_optimizer.scale_loss(g_loss), generator.trainable_variables)
         g_optimizer.apply_gradients(zip(gradients, generator.trainable_variables))
 
         return {"d_loss": d_loss, "g_loss": g_loss,
@@ -148,7 +135,27 @@ def main(argv=None):
 
     state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)
-    utils.train(config, run, images, train_step, state)
+    return train_step, state
+
+
+def main(argv=None):
+    config = utils.parse_config(__file__, globals(), argv, description=__doc__)
+    run = utils.RunDirectory(config.out)
+    if config.generate:
+        utils.generate(config, run)
+        return
+    if config.evaluate:
+        utils.evaluate_run(config, run)
+        return
+    if not config.benchmark:
+        run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+    utils.resolve_speed_settings(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
+    images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1]
+    if config.benchmark:
+        utils.benchmark(config, images, build_training)
+        return
+    run.create(config.overwrite)
+    utils.train(config, run, images, build_training)
 
 
 if __name__ == "__main__":

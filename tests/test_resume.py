@@ -170,22 +170,25 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(tmp_path, mnist_dir):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_dir, monkeypatch, capsys):
-    original = utils.train
+    original = utils.compile_steps
 
-    def train_with_a_fault(config, run, images, train_step, *args):
-        calls = []
+    def compile_with_a_fault(*args):
+        train_steps, calls = original(*args), []
 
-        def faulty_step(batch):
+        def faulty(indices):
             calls.append(1)
-            values = train_step(batch)
-            return values | {"g_loss": float("nan")} if len(calls) == 5 else values  # Epoch 2, step 2.
+            values = train_steps(indices).numpy()
+            if len(calls) == 5:  # The fifth call of one step: epoch 2, step 2.
+                values[0, utils.METRICS.index("g_loss")] = float("nan")
+            return utils.tf.constant(values)
 
-        return original(config, run, images, faulty_step, *args)
+        return faulty
 
-    monkeypatch.setattr(utils, "train", train_with_a_fault)
+    monkeypatch.setattr(utils, "compile_steps", compile_with_a_fault)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, QUICK + ["--epochs", "3", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+        utils.run_main(gan_mnist.main, QUICK + ["--epochs", "3", "--steps-per-call", "1", "--data-dir", str(mnist_dir),
+                                                "--out", str(run_dir)])
     assert exit_status.value.code == 1
     error = capsys.readouterr().err
     assert "g_loss is nan at epoch 2, step 2" in error and "ckpt-3, is kept" in error
