@@ -50,7 +50,7 @@ def build_generator(config):
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(28 * 28, activation="tanh", dtype="float32"),  # (N, 784) in [-1, 1], like the images
-        keras.layers.Reshape(IMAGE_SHAPE),                        # (N, 28, 28, 1)
+        keras.layers.Reshape(IMAGE_SHAPE, dtype="float32"),       # (N, 28, 28, 1), float32 under any precision
     ], name="generator")
 
 
@@ -120,15 +120,17 @@ def build_training(config):
             real_logits = discriminator(real_images, training=True)
             fake_logits = discriminator(fake_images, training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
-        gradients = tape.gradient(d_optimizer.scale_loss(d_loss), discriminator.trainable_variables)
-        d_optimizer.apply_gradients(zip(gradients, discriminator.trainable_variables))
+            scaled_loss = d_optimizer.scale_loss(d_loss)  # Multiplied by the loss scale under fp16, else as is.
+        gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
+        d_optimizer.apply(gradients, discriminator.trainable_variables)
 
         # update G: maximize log D(G(z)) on fresh noise, against the D just updated
         noise = noise_rng.normal((batch_size, config.latent_dim))
         with tf.GradientTape() as tape:
             g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
-        gradients = tape.gradient(g_optimizer.scale_loss(g_loss), generator.trainable_variables)
-        g_optimizer.apply_gradients(zip(gradients, generator.trainable_variables))
+            scaled_loss = g_optimizer.scale_loss(g_loss)
+        gradients = tape.gradient(scaled_loss, generator.trainable_variables)
+        g_optimizer.apply(gradients, generator.trainable_variables)
 
         return {"d_loss": d_loss, "g_loss": g_loss,
                 "d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}

@@ -297,7 +297,8 @@ def config_dict(config):
     """The configuration as a JSON-ready dict: the hyperparameters, then the run's settings."""
     resolved = {key: getattr(config, key) for key in config.hyperparameters}
     resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir,
-                    num_samples=config.num_samples)
+                    num_samples=config.num_samples, precision=config.precision, xla=config.xla,
+                    steps_per_call=config.steps_per_call)
     return resolved
 
 
@@ -1199,7 +1200,7 @@ def _time_training(config, images, build, min_seconds=6.0, min_steps=2):
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device}
 
 
-def benchmark(config, images, build):
+def benchmark(config, images, build, min_seconds=6.0):
     """Time training steps at steady state and print them against the matmul peak and a plain fp32 step.
 
     Rows: a plain fp32 step (one step per call, no XLA), the chosen settings, and the chosen
@@ -1221,7 +1222,7 @@ def benchmark(config, images, build):
         if setting.batch_size > len(images):
             print(f"  (skipping batch {setting.batch_size}: larger than the {len(images)} images)")
             continue
-        result = _time_training(setting, images, build)
+        result = _time_training(setting, images, build, min_seconds)
         if setting.precision not in peaks:
             peaks[setting.precision] = matmul_peak(setting.precision)
         rows.append((label, setting, result))

@@ -1,0 +1,116 @@
+"""Speed settings: precision policies (bf16, fp16 with loss scaling), XLA, steps per call, FLOP counts, --benchmark."""
+
+import json
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+
+import dcgan_mnist
+import gan_mnist
+import utils
+
+TINY = ["--limit", "128", "--batch-size", "32", "--eval-every", "0", "--epochs", "1"]
+
+
+def config_for(module, *argv):
+    presets = getattr(module, "PRESETS", None)
+    config = utils.parse_config(module.__file__, vars(module), list(argv), presets=presets)
+    return utils.resolve_speed_settings(config, default_steps_per_call=1)
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_afterwards():
+    yield
+    utils.set_precision("fp32")
+    utils.tf.config.optimizer.set_experimental_options({"remapping": True})
+
+
+@pytest.mark.parametrize("precision, compute, scaled", [("fp32", "float32", False), ("bf16", "bfloat16", False),
+                                                        ("fp16", "float16", True)])
+def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, compute, scaled):
+    config = config_for(gan_mnist, "--precision", precision)
+    train_step, state = utils.build_for_training(config, gan_mnist.build_training)
+    generator, discriminator = state["generator"], state["discriminator"]
+    assert generator.layers[0].compute_dtype == compute
+    assert all(v.dtype == "float32" for v in generator.trainable_variables)  # Master weights stay float32.
+    assert isinstance(state["g_optimizer"], keras.optimizers.LossScaleOptimizer) == scaled
+    assert isinstance(state["d_optimizer"], keras.optimizers.LossScaleOptimizer) == scaled
+    images = generator(np.zeros((4, config.latent_dim), np.float32), training=False)
+    assert images.dtype == "float32" and discriminator(images).dtype == "float32"
+    values = utils.tf.function(train_step)(utils.tf.random.uniform((8, 28, 28, 1), -1, 1))
+    assert all(v.dtype == "float32" and np.isfinite(v.numpy()) for v in values.values())
+
+
+def test_fp16_with_loss_scaling_and_xla_train_end_to_end_on_the_cpu(tmp_path, mnist_dir):
+    """The GPU code path (mixed float16, a loss-scale optimizer per network, XLA) runs here too."""
+    run_dir = tmp_path / "run"
+    gan_mnist.main(TINY + ["--precision", "fp16", "--xla", "--steps-per-call", "2", "--data-dir", str(mnist_dir),
+                           "--out", str(run_dir)])
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["iterations"]["d_loss"]) == 4 and np.isfinite(history["iterations"]["g_loss"]).all()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["precision"], config["xla"], config["steps_per_call"]) == ("fp16", True, 2)
+    samples = utils.generate(SimpleNamespace(generate=9, seed=0, samples_npz=None), utils.RunDirectory(run_dir))
+    assert samples.dtype == np.float32 and np.isfinite(samples).all()
+
+
+def test_the_dcgan_trains_in_bf16_with_several_steps_per_call(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    dcgan_mnist.main(TINY + ["--precision", "bf16", "--steps-per-call", "3", "--data-dir", str(mnist_dir),
+                             "--out", str(run_dir)])
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["iterations"]["d_loss"]) == 4  # Calls of 3 steps, then 1.
+
+
+def test_auto_settings_follow_the_device(monkeypatch):
+    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: True)
+    config = config_for(dcgan_mnist)
+    assert (config.precision, config.xla, config.steps_per_call) == ("bf16", False, 1)
+    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: False)
+    assert config_for(dcgan_mnist).precision == "fp32"
+    explicit = config_for(gan_mnist, "--precision", "fp16", "--xla", "--steps-per-call", "7")
+    assert (explicit.precision, explicit.xla, explicit.steps_per_call) == ("fp16", True, 7)
+
+    gpu = SimpleNamespace(name="/physical_device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(utils.tf.config, "list_physical_devices", lambda kind=None: [gpu])
+    for capability, precision in (((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "fp32")):
+        monkeypatch.setattr(utils.tf.config.experimental, "get_device_details",
+                            lambda device, c=capability: {"compute_capability": c})
+        config = config_for(dcgan_mnist)
+        assert (config.precision, config.xla, config.steps_per_call) == (precision, True, 10)
+
+
+def test_flops_are_counted_from_the_layers():
+    dense = keras.Sequential([keras.Input((100,)), keras.layers.Dense(256), keras.layers.Dense(10)])
+    assert utils.forward_flops(dense) == 2 * (100 * 256 + 256 * 10)
+    conv = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(64, 5, strides=2, padding="same"),
+                             keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same")])
+    assert utils.forward_flops(conv) == 2 * 25 * 1 * 64 * 14 * 14 + 2 * 9 * 64 * 8 * 14 * 14
+    assert utils.training_flops(10, 1) == 48
+
+
+def test_benchmark_prints_the_table(mnist_dir, capsys):
+    config = config_for(gan_mnist, "--benchmark", "--limit", "512", "--batch-sizes", "32,64", "--steps-per-call", "4")
+    images = utils.load_training_images(config)
+    rows = utils.benchmark(config, images, gan_mnist.build_training, min_seconds=0.1)
+    output = capsys.readouterr().out
+    assert [label for label, _, _ in rows] == ["plain fp32 step", "chosen settings", "chosen, batch 32",
+                                               "chosen, batch 64"]
+    for column in ("ms/step", "img/s", "GFLOP/img", "GFLOP/s", "peak", "of peak", "host MB"):
+        assert column in output
+    assert "Speedup of the chosen settings" in output
+    plain = rows[0][2]
+    assert plain["flops"] == utils.training_flops(2 * (100 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784),
+                                                  2 * (784 * 1024 + 1024 * 512 + 512 * 256 + 256))
+    assert plain["seconds"] > 0 and plain["host_mb"] > 100
+
+
+def test_benchmark_flags_are_checked(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, ["--batch-sizes", "32,x", "--benchmark"])
+    assert exit_status.value.code == 2 and "--batch-sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, ["--batch-sizes", "32"])
+    assert exit_status.value.code == 2 and "only used with --benchmark" in capsys.readouterr().err
