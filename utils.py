@@ -23,10 +23,12 @@ import hashlib
 import json
 import math
 import os
+import pickle  # Only through _CifarUnpickler, which refuses every global but numpy's arrays.
 import re
 import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
@@ -354,7 +356,7 @@ def read_idx(path, kind):
         raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the {header}-byte IDX header")
     magic = int.from_bytes(data[:4], "big")
     if magic != _IDX_MAGIC[kind]:
-        raise DataError(f"{path}: bad magic number {magic}, expected {_IDX_MAGIC[kind]} for MNIST {kind}")
+        raise DataError(f"{path}: bad magic number {magic}, expected {_IDX_MAGIC[kind]} for IDX {kind}")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     expected = int(np.prod(shape))
     found = len(data) - header
@@ -423,35 +425,100 @@ def _download(url, destination, sha256):
             temporary.unlink()
 
 
-def download_mnist(directory, split="train", mirrors=None):
-    """Download one MNIST split's two gzip files into `directory`, verified; nothing is left on failure."""
+# The IDX-format datasets: where each is looked for, and where it is downloaded from.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+IDX_DATASETS = {
+    "mnist": SimpleNamespace(
+        title="MNIST", env="MNIST_DIR", mirror_env="MNIST_MIRROR", mirrors=MNIST_MIRRORS, sha256=MNIST_SHA256,
+        system_dirs=(), keras_npz="mnist.npz", keras_dir=None),
+    "fashion_mnist": SimpleNamespace(
+        title="Fashion-MNIST", env="FASHION_MNIST_DIR", mirror_env="FASHION_MNIST_MIRROR",
+        mirrors=("https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",), sha256=FASHION_MNIST_SHA256,
+        system_dirs=(Path("/usr/share/datasets/fashion-mnist"),),  # Debian's dataset-fashion-mnist
+        keras_npz=None, keras_dir="fashion-mnist"),
+}
+
+
+def download_idx(name, directory, split="train"):
+    """Download one split's two gzip files of IDX dataset `name` into `directory`, verified; nothing left on failure."""
+    spec = IDX_DATASETS[name]
     directory = Path(directory)
-    mirrors = mirrors or [m for m in os.environ.get("MNIST_MIRROR", "").split(",") if m] or MNIST_MIRRORS
+    mirrors = [m for m in os.environ.get(spec.mirror_env, "").split(",") if m] or spec.mirrors
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"{directory}: cannot create the download directory ({error.strerror})") from None
     for base in MNIST_FILES[split]:
-        name = f"{base}.gz"
-        if (directory / name).is_file():
+        file_name = f"{base}.gz"
+        if (directory / file_name).is_file():
             continue
         failures = []
         for mirror in mirrors:
-            url = mirror.rstrip("/") + "/" + name
+            url = mirror.rstrip("/") + "/" + file_name
             try:
                 print(f"Downloading {url} ...", file=sys.stderr)
-                _download(url, directory / name, MNIST_SHA256[name])
+                _download(url, directory / file_name, spec.sha256[file_name])
                 break
             except (OSError, ValueError) as error:
                 failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
         else:
-            raise DataError(f"{directory / name}: download failed ({'; '.join(failures)}); "
-                            f"put the MNIST files there or set MNIST_DIR")
+            raise DataError(f"{directory / file_name}: download failed ({'; '.join(failures)}); "
+                            f"put the {spec.title} files there or set {spec.env}")
     return _idx_files_in(directory, split)
 
 
+def download_mnist(directory, split="train"):
+    """Download one MNIST split's two gzip files into `directory`, verified; nothing is left on failure."""
+    return download_idx("mnist", directory, split)
+
+
+def _keras_datasets():
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+
+
 def _keras_cache():
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets" / "mnist.npz"
+    return _keras_datasets() / "mnist.npz"
+
+
+def load_idx_dataset(name, split="train", data_dir=None, limit=0, download=True):
+    """Load a split of an IDX-format dataset (MNIST, Fashion-MNIST) as uint8 (N, 28, 28) and labels (N,).
+
+    Looks, in order, in `data_dir`, the dataset's environment variable (`$MNIST_DIR`,
+    `$FASHION_MNIST_DIR`), `data/<name>/` in the repository, the system's copy (Debian's
+    dataset-fashion-mnist) and Keras's cache, for the four IDX files (gzip or raw) or, for MNIST, an
+    `mnist.npz`. If none has them, downloads the split from a public mirror into the first of those
+    directories given (else `data/<name>/`), verifying SHA-256. `limit` > 0 keeps the first images.
+    """
+    spec = IDX_DATASETS[name]
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: --data-dir is not a directory")
+    directories = [Path(d) for d in (data_dir, os.environ.get(spec.env)) if d]
+    directories.append(REPO_DIR / "data" / name)
+    searched = directories + list(spec.system_dirs) + ([_keras_datasets() / spec.keras_dir] if spec.keras_dir else [])
+    for directory in searched:
+        files = _idx_files_in(directory, split)
+        if files:
+            break
+        if spec.keras_npz and (directory / spec.keras_npz).is_file():
+            images, labels = _read_npz(directory / spec.keras_npz, split)
+            return _apply_limit(images, labels, limit)
+    else:
+        if spec.keras_npz and (_keras_datasets() / spec.keras_npz).is_file():
+            images, labels = _read_npz(_keras_datasets() / spec.keras_npz, split)
+            return _apply_limit(images, labels, limit)
+        if not download:
+            raise DataError(f"{directories[0]}: no {spec.title} {split} files (looked in "
+                            f"{', '.join(map(str, searched))})")
+        files = download_idx(name, directories[0], split)
+    images = read_idx(files[0], "images")
+    labels = read_idx(files[1], "labels")
+    _check_pair(images, labels, files[0], files[1])
+    return _apply_limit(images, labels, limit)
 
 
 def load_mnist(split="train", data_dir=None, limit=0, download=True):
@@ -462,28 +529,119 @@ def load_mnist(split="train", data_dir=None, limit=0, download=True):
     has them, downloads the split from a public mirror into the first of those directories given
     (else `data/mnist/`), verifying SHA-256. `limit` > 0 keeps the first `limit` images.
     """
-    directories = [Path(d) for d in (data_dir, os.environ.get("MNIST_DIR")) if d]
-    directories.append(REPO_DIR / "data" / "mnist")
+    return load_idx_dataset("mnist", split, data_dir, limit, download)
+
+
+def load_fashion_mnist(split="train", data_dir=None, limit=0, download=True):
+    """Load a Fashion-MNIST split as (images uint8 (N, 28, 28), labels uint8 (N,)); see load_idx_dataset."""
+    return load_idx_dataset("fashion_mnist", split, data_dir, limit, download)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10: the python-version batches, read with a restricted unpickler
+# ---------------------------------------------------------------------------------------------
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # $CIFAR10_URL replaces it.
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, numbers, strings, bytes and numpy arrays.
+
+    Any other global a pickle names (os.system, say) is refused before it is looked up, so a
+    malicious file cannot run code. The arrays are then checked for type and shape by the caller.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # How Python 3 writes bytes into a protocol-2 pickle; it only encodes text.
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}: not part of the CIFAR-10 format")
+
+
+def read_cifar_batch(path):
+    """Read one CIFAR-10 python batch as (images uint8 (N, 32, 32, 3), labels uint8 (N,))."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        if str(error).startswith("refused"):
+            raise DataError(f"{path}: {error}") from None
+        raise DataError(f"{path}: not a CIFAR-10 batch ({error})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise DataError(f"{path}: not a CIFAR-10 batch ({type(error).__name__}: {error})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict with data and labels)")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: data must be a uint8 array of shape (N, 3072), got "
+                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    if not isinstance(labels, list) or not all(isinstance(label, int) and 0 <= label <= 9 for label in labels):
+        raise DataError(f"{path}: labels must be a list of integers 0..9")
+    _check_pair(data, labels, f"{path} data", "its labels")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), np.array(labels, np.uint8)
+
+
+def _cifar_files_in(directory, split):
+    paths = [Path(directory) / name for name in CIFAR10_FILES[split]]
+    return paths if all(p.is_file() for p in paths) else None
+
+
+def download_cifar10(directory):
+    """Download the official archive, verify its SHA-256 and extract the batches into `directory`.
+
+    Only the expected member names are extracted (no path in the archive can point elsewhere), and
+    each is written to a temporary name first: a failure leaves nothing behind.
+    """
+    directory = Path(directory)
+    url = os.environ.get("CIFAR10_URL", CIFAR10_URL)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        archive = directory / f".cifar-10-python.tar.gz.part-{os.getpid()}"
+        print(f"Downloading {url} ...", file=sys.stderr)
+        _download(url, archive, CIFAR10_SHA256)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for name in CIFAR10_FILES["train"] + CIFAR10_FILES["test"] + ("batches.meta",):
+                    member = tar.getmember(f"cifar-10-batches-py/{name}")
+                    with tar.extractfile(member) as source, atomic_path(directory / name) as temporary:
+                        temporary.write_bytes(source.read())
+        finally:
+            archive.unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, tarfile.TarError) as error:
+        raise DataError(f"{directory}: CIFAR-10 download failed ({getattr(error, 'reason', None) or error}); "
+                        f"put cifar-10-batches-py there or set CIFAR10_DIR") from None
+    return _cifar_files_in(directory, "train")
+
+
+def load_cifar10(split="train", data_dir=None, limit=0, download=True):
+    """Load a CIFAR-10 split as (images uint8 (N, 32, 32, 3), labels uint8 (N,)).
+
+    Looks in `data_dir`, `$CIFAR10_DIR`, `data/cifar10/` in the repository and Keras's cache
+    (`~/.keras/datasets/cifar-10-batches-py`); else downloads the official archive, verified.
+    """
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: --data-dir is not a directory")
-    for directory in directories:
-        files = _idx_files_in(directory, split)
-        if files:
-            break
-        if (directory / "mnist.npz").is_file():
-            images, labels = _read_npz(directory / "mnist.npz", split)
-            return _apply_limit(images, labels, limit)
-    else:
-        if _keras_cache().is_file():
-            images, labels = _read_npz(_keras_cache(), split)
-            return _apply_limit(images, labels, limit)
+    directories = [Path(d) for d in (data_dir, os.environ.get("CIFAR10_DIR")) if d]
+    directories.append(REPO_DIR / "data" / "cifar10")
+    searched = directories + [_keras_datasets() / "cifar-10-batches-py"]
+    files = next((f for f in (_cifar_files_in(d, split) for d in searched) if f), None)
+    if files is None:
         if not download:
-            raise DataError(f"{directories[0]}: no MNIST {split} files (looked in {', '.join(map(str, directories))} "
-                            f"and {_keras_cache()})")
-        files = download_mnist(directories[0], split)
-    images = read_idx(files[0], "images")
-    labels = read_idx(files[1], "labels")
-    _check_pair(images, labels, files[0], files[1])
+            raise DataError(f"{directories[0]}: no CIFAR-10 {split} batches (looked in {', '.join(map(str, searched))})")
+        download_cifar10(directories[0])
+        files = _cifar_files_in(directories[0], split)
+    batches = [read_cifar_batch(path) for path in files]
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
     return _apply_limit(images, labels, limit)
 
 

@@ -1,0 +1,160 @@
+"""Fashion-MNIST and CIFAR-10 readers: real data, the restricted unpickler, corrupt files, downloads."""
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import utils
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    for name in ("FASHION_MNIST_DIR", "CIFAR10_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.setenv("FASHION_MNIST_MIRROR", "http://127.0.0.1:9/")
+    monkeypatch.setenv("CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr(utils, "REPO_DIR", tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def fashion_dir():
+    if not (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    return FASHION_SYSTEM_DIR
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    directory = Path(os.environ.get("CIFAR10_DIR", CIFAR_DIR))
+    if not (directory / "data_batch_1").is_file():
+        pytest.fail("set CIFAR10_DIR to the real cifar-10-batches-py (../shared/data/cifar10/cifar-10-batches-py)")
+    return directory
+
+
+def test_fashion_mnist_is_found_where_debian_installs_it(fashion_dir):
+    images, labels = utils.load_fashion_mnist("test")  # No flag, no variable: the system copy.
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_fashion_mnist_download_from_a_local_mirror_is_verified(tmp_path, fashion_dir, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(fashion_dir / name, mirror / name)
+    monkeypatch.setattr(utils.IDX_DATASETS["fashion_mnist"], "system_dirs", ())
+    monkeypatch.setenv("FASHION_MNIST_MIRROR", mirror.as_uri())
+    images, _ = utils.load_fashion_mnist("test", tmp_path / "downloaded", limit=5)
+    assert images.shape == (5, 28, 28)
+    (mirror / "t10k-images-idx3-ubyte.gz").write_bytes(b"tampered")
+    with pytest.raises(utils.DataError, match="SHA-256"):
+        utils.load_fashion_mnist("test", tmp_path / "again")
+    assert not any((tmp_path / "again").iterdir())
+
+
+def test_real_cifar10_reads_as_colour_images_with_balanced_classes(cifar_dir):
+    images, labels = utils.load_cifar10("test", cifar_dir)
+    assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+    # Channel order is red, green, blue: the test set's mean colour is reddish-grey, blue lowest.
+    means = images.reshape(-1, 3).mean(axis=0)
+    assert means[2] < means[0]
+
+
+def cifar_batch(count=4, **changes):
+    rng = np.random.default_rng(0)
+    batch = {b"batch_label": b"testing batch", b"labels": [int(i % 10) for i in range(count)],
+             b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
+    batch.update({key.encode(): value for key, value in changes.items()})
+    return batch
+
+
+def write_cifar(directory, batch=None, raw=None, name="test_batch"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_bytes(raw if raw is not None else pickle.dumps(batch or cifar_batch(), protocol=2))
+    return directory / name
+
+
+def test_a_small_cifar_batch_round_trips(tmp_path):
+    batch = cifar_batch(5)
+    write_cifar(tmp_path, batch)
+    images, labels = utils.load_cifar10("test", tmp_path)
+    assert images.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(images[2, :, :, 1], batch[b"data"][2, 1024:2048].reshape(32, 32))
+
+
+class RunsACommand:
+    """Unpickling this would call os.system: what a malicious 'dataset' file does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_restricted_unpickler_refuses_a_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write_cifar(tmp_path / "data", raw=pickle.dumps({b"data": RunsACommand(marker), b"labels": [0]}))
+    with pytest.raises(utils.DataError, match=r"refused to unpickle (posix|os)\.system") as error:
+        utils.load_cifar10("test", tmp_path / "data")
+    assert str(path) in str(error.value)
+    assert not marker.exists()  # The command never ran.
+
+
+@pytest.mark.parametrize("make, fault", [
+    (lambda d: write_cifar(d, raw=pickle.dumps(cifar_batch(), protocol=2)[:-300]), "not a CIFAR-10 batch"),
+    (lambda d: write_cifar(d, raw=b"not a pickle at all"), "not a CIFAR-10 batch"),
+    (lambda d: write_cifar(d, raw=pickle.dumps([1, 2, 3])), "expected a dict with data and labels"),
+    (lambda d: write_cifar(d, cifar_batch(data=np.zeros((4, 1024), np.uint8))), "shape (N, 3072)"),
+    (lambda d: write_cifar(d, cifar_batch(data=np.zeros((4, 3072), np.float32))), "uint8 array"),
+    (lambda d: write_cifar(d, cifar_batch(labels=[0, 1, 2, 10])), "integers 0..9"),
+    (lambda d: write_cifar(d, cifar_batch(labels=[0, 1, 2])), "4 images but"),
+])
+def test_corrupt_cifar_batches_get_one_clear_error(tmp_path, make, fault):
+    path = make(tmp_path)
+    with pytest.raises(utils.DataError) as error:
+        utils.load_cifar10("test", tmp_path)
+    assert fault in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def cifar_archive(path):
+    """A tar.gz laid out like the official one, with small batches."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name in utils.CIFAR10_FILES["train"] + utils.CIFAR10_FILES["test"] + ("batches.meta",):
+            data = pickle.dumps(cifar_batch(3) if name != "batches.meta" else {b"label_names": []}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cifar_download_from_a_local_archive_is_verified_and_extracted(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    monkeypatch.setattr(utils, "CIFAR10_SHA256", cifar_archive(archive))
+    monkeypatch.setenv("CIFAR10_URL", archive.as_uri())
+    images, labels = utils.load_cifar10("train", tmp_path / "downloaded")
+    assert images.shape == (15, 32, 32, 3) and len(labels) == 15
+    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == sorted(
+        utils.CIFAR10_FILES["train"] + utils.CIFAR10_FILES["test"] + ("batches.meta",))
+
+
+def test_cifar_download_with_a_wrong_checksum_leaves_nothing(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    cifar_archive(archive)
+    monkeypatch.setenv("CIFAR10_URL", archive.as_uri())  # The real archive's hash will not match.
+    with pytest.raises(utils.DataError, match="CIFAR-10 download failed.*SHA-256"):
+        utils.load_cifar10("train", tmp_path / "downloaded")
+    assert list((tmp_path / "downloaded").iterdir()) == []
