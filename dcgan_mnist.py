@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 # None means "the value of the chosen --arch preset", from PRESETS below.
 # ------------------------------------------------------------------------------------------------
 # Architecture
-ARCH = "28"  # preset: 28 (native 28x28), 32 (DCGAN_Tensorflow seed, padded), 64 (znxlwm's, resized)
+ARCH = "auto"  # preset: 28 (native 28x28), 32 (DCGAN_Tensorflow seed), 64 (znxlwm's); auto: 32 for CIFAR-10, else 28
 LATENT_DIM = None  # size of the noise vector z ~ N(0, I)
 KERNEL_SIZE = None  # side of every (transposed) convolution kernel
 LEAKY_SLOPE = 0.2  # slope of D's LeakyReLU for negative inputs (Radford et al.)
@@ -29,6 +29,8 @@ BN_MOMENTUM = 0.9  # batch-norm moving-average momentum; PyTorch's default, so s
 EPOCHS = 20  # Radford et al.'s MNIST length; digits are legible after a few epochs
 BATCH_SIZE = None  # images per step
 LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
+DATASET = "mnist"  # mnist, fashion_mnist or cifar10 (32x32 colour); the presets adapt their channels
+CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
 # Optimisation
 LR = 2e-4  # Adam learning rate for both networks (Radford et al.)
 BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscillate
@@ -37,25 +39,31 @@ SEED = 0  # seeds the weights, the data order and all noise, so a run can be rep
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
 EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: never); ~3 s each
 
-# The presets: resolution, how MNIST's 28x28 gets there, layer widths, and their own defaults.
-# G projects z to g_start, then each transposed convolution doubles the side; D halves it with
-# each strided convolution, then one dense layer gives the logit.
+# The presets: resolution, layer widths, and their own defaults. G projects z to g_start, then
+# each transposed convolution doubles the side, the last one to the dataset's C channels (1 for
+# MNIST, 3 for CIFAR-10); D halves the side with each strided convolution, then one dense layer
+# gives the logit. A dataset of another side is zero-padded (28 -> 32) or resized to the preset's.
 PRESETS = {
-    # Native 28x28. G: z(100) -> 7x7x256 -> 14x14x128 -> 28x28x1.
-    #               D: 28x28x1 -> 14x14x64 -> 7x7x128 -> 1.
-    "28": dict(image_size=28, transform="none", batch_size=128, latent_dim=100, kernel_size=5,
-               g_start=(7, 7, 256), g_channels=(128, 1), d_channels=(64, 128)),
+    # Native 28x28. G: z(100) -> 7x7x256 -> 14x14x128 -> 28x28xC.
+    #               D: 28x28xC -> 14x14x64 -> 7x7x128 -> 1.
+    "28": dict(image_size=28, batch_size=128, latent_dim=100, kernel_size=5,
+               g_start=(7, 7, 256), g_channels=(128,), d_channels=(64, 128)),
     # The DCGAN_Tensorflow seed, MNIST zero-padded to 32x32.
-    #   G: z(200) -> 1x1x512 -> 2x2x256 -> 4x4x128 -> 8x8x64 -> 16x16x32 -> 32x32x1.
-    #   D: 32x32x1 -> 16x16x32 -> 8x8x64 -> 4x4x128 -> 2x2x256 -> 1.
-    "32": dict(image_size=32, transform="pad", batch_size=64, latent_dim=200, kernel_size=4,
-               g_start=(1, 1, 512), g_channels=(256, 128, 64, 32, 1), d_channels=(32, 64, 128, 256)),
+    #   G: z(200) -> 1x1x512 -> 2x2x256 -> 4x4x128 -> 8x8x64 -> 16x16x32 -> 32x32xC.
+    #   D: 32x32xC -> 16x16x32 -> 8x8x64 -> 4x4x128 -> 2x2x256 -> 1.
+    "32": dict(image_size=32, batch_size=64, latent_dim=200, kernel_size=4,
+               g_start=(1, 1, 512), g_channels=(256, 128, 64, 32), d_channels=(32, 64, 128, 256)),
     # The seeds' big model (znxlwm, MINGUKKANG), MNIST resized to 64x64.
-    #   G: z(100) -> 4x4x1024 -> 8x8x512 -> 16x16x256 -> 32x32x128 -> 64x64x1.
-    #   D: 64x64x1 -> 32x32x128 -> 16x16x256 -> 8x8x512 -> 4x4x1024 -> 1.
-    "64": dict(image_size=64, transform="resize", batch_size=100, latent_dim=100, kernel_size=4,
-               g_start=(4, 4, 1024), g_channels=(512, 256, 128, 1), d_channels=(128, 256, 512, 1024)),
+    #   G: z(100) -> 4x4x1024 -> 8x8x512 -> 16x16x256 -> 32x32x128 -> 64x64xC.
+    #   D: 64x64xC -> 32x32x128 -> 16x16x256 -> 8x8x512 -> 4x4x1024 -> 1.
+    "64": dict(image_size=64, batch_size=100, latent_dim=100, kernel_size=4,
+               g_start=(4, 4, 1024), g_channels=(512, 256, 128), d_channels=(128, 256, 512, 1024)),
 }
+
+
+def default_arch(config):
+    """--arch auto: CIFAR-10 trains at its native 32x32, as the seed did; the MNISTs at 28x28."""
+    return "32" if config.dataset == "cifar10" else "28"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,22 +92,22 @@ def build_generator(config, preset):
         keras.layers.ReLU(),
         keras.layers.Reshape((height, width, channels)),                           # (N, h, w, c)
     ]
-    for index, channels in enumerate(preset["g_channels"]):
-        is_output = index == len(preset["g_channels"]) - 1
-        # (N, h, w, c) -> (N, 2h, 2w, channels); no batch norm on the output, which is tanh.
-        layers.append(keras.layers.Conv2DTranspose(
-            channels, config.kernel_size, strides=2, padding="same", use_bias=is_output,
-            kernel_initializer=weights(), activation="tanh" if is_output else None,
-            dtype="float32" if is_output else None))  # Images in float32 under any precision.
-        if not is_output:
-            layers += [batch_norm(config), keras.layers.ReLU()]
+    for channels in preset["g_channels"]:
+        # (N, h, w, c) -> (N, 2h, 2w, channels)
+        layers += [keras.layers.Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same",
+                                                use_bias=False, kernel_initializer=weights()),
+                   batch_norm(config), keras.layers.ReLU()]
+    # (N, S/2, S/2, c) -> (N, S, S, C): the image, tanh, no batch norm, float32 under any precision.
+    layers.append(keras.layers.Conv2DTranspose(utils.DATASETS[config.dataset].shape[-1], config.kernel_size,
+                                               strides=2, padding="same", kernel_initializer=weights(),
+                                               activation="tanh", dtype="float32"))
     return keras.Sequential(layers, name="generator")
 
 
 def build_discriminator(config, preset):
     """D: image -> strided convolutions, each halving the side -> dense -> 1 logit."""
     size = preset["image_size"]
-    layers = [keras.Input((size, size, 1))]                                        # (N, S, S, 1)
+    layers = [keras.Input((size, size, utils.DATASETS[config.dataset].shape[-1]))]  # (N, S, S, C)
     for index, channels in enumerate(preset["d_channels"]):
         # (N, s, s, c) -> (N, s/2, s/2, channels); no batch norm on the input layer.
         layers.append(keras.layers.Conv2D(channels, config.kernel_size, strides=2, padding="same",
@@ -183,7 +191,8 @@ def build_training(config, preset):
 
 
 def main(argv=None):
-    config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS)
+    config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS,
+                                auto_preset=default_arch)
     run = utils.RunDirectory(config.out)
     if config.generate:
         utils.generate(config, run)
@@ -195,7 +204,8 @@ def main(argv=None):
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
     preset = PRESETS[config.arch]
     utils.resolve_speed_settings(config, default_steps_per_call=1)  # Steps of ~0.3 s: no overhead to hide.
-    images = utils.load_training_images(config, preset["image_size"], preset["transform"])  # (N, S, S, 1) in [-1, 1]
+    transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], preset["image_size"])
+    images = utils.load_training_images(config, preset["image_size"], transform)  # (N, S, S, C) in [-1, 1]
 
     def build(settings):
         return build_training(settings, preset)
@@ -204,7 +214,7 @@ def main(argv=None):
         utils.benchmark(config, images, build)
         return
     run.create(config.overwrite)
-    utils.train(config, run, images, build, preset["transform"])
+    utils.train(config, run, images, build, transform)
 
 
 if __name__ == "__main__":

@@ -33,45 +33,48 @@ RECIPE = "mnist-cnn-v1: 32-32-pool-64-64-pool-128, adam 1e-3, batch 128, 4 epoch
 FIGURES = ("fid", "inception_score", "classes_covered", "label_kl", "confidence")
 
 
-def check_images(images):
-    """Validate generated or real digits for scoring: uint8 (N, 28, 28) or (N, 28, 28, 1), 0..255.
+def check_images(images, shape=(28, 28, 1)):
+    """Validate generated or real images for scoring: uint8 0..255 of `shape` (H, W, C); grey may drop C.
 
     Raises ValueError with a message that says what is wrong (shape, type or range).
     """
     images = np.asarray(images)
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"expected images of shape (N, 28, 28), got {images.shape}")
+    given = images.shape
+    if images.ndim == 3 and shape[-1] == 1:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[1:] != tuple(shape):
+        expected = f"(N, {shape[0]}, {shape[1]})" if shape[-1] == 1 else f"(N, {', '.join(map(str, shape))})"
+        raise ValueError(f"expected images of shape {expected}, got {given}")
     if len(images) < 2:
         raise ValueError(f"need at least 2 images to score, got {len(images)}")
     if images.dtype != np.uint8:
         low, high = (float(images.min()), float(images.max())) if images.size else (0, 0)
-        raise ValueError(f"expected uint8 images 0..255 (white on black), got {images.dtype} in "
-                         f"[{low:.3g}, {high:.3g}]; convert generator output with utils.to_mnist_uint8")
+        raise ValueError(f"expected uint8 images 0..255, got {images.dtype} in [{low:.3g}, {high:.3g}]; "
+                         f"convert generator output with utils.to_dataset_uint8")
     return images
 
 
-def build_classifier():
-    """The digit classifier: two conv blocks and a 128-unit feature layer (the FID features)."""
+def build_classifier(shape=(28, 28, 1)):
+    """The classifier: two conv blocks and a 128-unit feature layer (the FID features)."""
+    height, width, _ = shape
     return keras.Sequential([
-        keras.Input((28, 28, 1)),                                          # (N, 28, 28, 1) in [0, 1]
-        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),     # (N, 28, 28, 32)
+        keras.Input(shape),                                                # (N, H, W, C) in [0, 1]
+        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),     # (N, H, W, 32)
         keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),                                       # (N, 14, 14, 32)
-        keras.layers.Conv2D(64, 3, activation="relu", padding="same"),     # (N, 14, 14, 64)
+        keras.layers.MaxPooling2D(),                                       # (N, H/2, W/2, 32)
+        keras.layers.Conv2D(64, 3, activation="relu", padding="same"),     # (N, H/2, W/2, 64)
         keras.layers.Conv2D(64, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),                                       # (N, 7, 7, 64)
+        keras.layers.MaxPooling2D(),                                       # (N, H/4, W/4, 64)
         keras.layers.Flatten(),
         keras.layers.Dropout(0.3),
         keras.layers.Dense(128, activation="relu", name="features"),       # (N, 128): the FID features
         keras.layers.Dropout(0.3),
         keras.layers.Dense(CLASSES, name="logits"),                        # (N, 10)
-    ], name="mnist_classifier")
+    ], name="classifier")
 
 
-def _scaled(images):
-    return check_images(images).astype(np.float32)[..., None] / 255.0
+def _scaled(images, shape):
+    return check_images(images, shape).astype(np.float32) / 255.0
 
 
 def data_key(*arrays):
@@ -82,26 +85,33 @@ def data_key(*arrays):
     return digest.hexdigest()[:16]
 
 
+def _shape_of(images):
+    return tuple(images.shape[1:]) if images.ndim == 4 else tuple(images.shape[1:]) + (1,)
+
+
 def train_classifier(train_images, train_labels, test_images, test_labels, epochs=4, seed=0):
     """Train the classifier deterministically (fixed seed, fixed order); return (model, test accuracy)."""
     keras.utils.set_random_seed(seed)
-    model = build_classifier()
+    shape = _shape_of(train_images)
+    model = build_classifier(shape)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     order = np.random.default_rng(seed)
-    x, y = _scaled(train_images), train_labels.astype(np.int32)
+    x, y = _scaled(train_images, shape), train_labels.astype(np.int32)
     for epoch in range(epochs):
         permutation = order.permutation(len(x))
         model.fit(x[permutation], y[permutation], batch_size=128, epochs=1, shuffle=False, verbose=0)
-    _, accuracy = model.evaluate(_scaled(test_images), test_labels.astype(np.int32), batch_size=1000, verbose=0)
+    _, accuracy = model.evaluate(_scaled(test_images, shape), test_labels.astype(np.int32), batch_size=1000, verbose=0)
     return model, float(accuracy)
 
 
 class Evaluator:
     """Scores sets of digits with the cached classifier against the MNIST test set's statistics."""
 
-    def __init__(self, classifier, reference_mean, reference_cov, floor, test_accuracy):
+    def __init__(self, classifier, reference_mean, reference_cov, floor, test_accuracy, classes=None):
         self.classifier = classifier
+        self.shape = tuple(classifier.inputs[0].shape[1:])
+        self.classes = list(range(CLASSES)) if classes is None else list(classes)
         self.reference_mean = reference_mean
         self.reference_cov = reference_cov
         self.floor = floor
@@ -111,8 +121,8 @@ class Evaluator:
         self._predict = tf.function(lambda x: self._features_and_logits(x, training=False), reduce_retracing=True)
 
     def features_and_probabilities(self, images, batch_size=2000):
-        """Penultimate features (N, 128, float64) and class probabilities (N, 10) of uint8 digits."""
-        x = _scaled(images)
+        """Penultimate features (N, 128, float64) and class probabilities (N, 10) of uint8 images."""
+        x = _scaled(images, self.shape)
         features, probabilities = [], []
         for start in range(0, len(x), batch_size):
             batch_features, logits = self._predict(tf.constant(x[start:start + batch_size]))
@@ -126,53 +136,63 @@ class Evaluator:
         mean, cov = feature_statistics(features)
         figures = {"fid": frechet_distance(mean, cov, self.reference_mean, self.reference_cov),
                    "inception_score": inception_score(probabilities)}
-        figures.update(mode_coverage(probabilities))
+        figures.update(mode_coverage(probabilities, self.classes))
         figures["confidence"] = float(probabilities.max(axis=1).mean())
         figures["samples"] = len(features)
         return figures
 
     @classmethod
-    def load_or_train(cls, cache_dir, train_images, train_labels, test_images, test_labels, log=print):
+    def load_or_train(cls, cache_dir, train_images, train_labels, test_images, test_labels, classes=None,
+                      log=print, epochs=4):
         """The evaluator for this data: loaded from `cache_dir/<key>/`, else trained and cached there.
 
-        Training takes a couple of minutes on 2 CPU cores and happens once per data and recipe.
-        Files are written atomically, so an interrupted training leaves no half cache behind.
+        Training takes a few minutes on 2 CPU cores and happens once per data and recipe. Files are
+        written atomically, so an interrupted training leaves no half cache behind. With `classes`
+        (a subset), the reference statistics and the floor are those of the subset's images,
+        computed on the spot from the cached classifier.
         """
         key = data_key(train_images, train_labels, test_images, test_labels)
-        directory = Path(cache_dir) / f"mnist-classifier-{key}"
+        directory = Path(cache_dir) / f"classifier-{key}"
         files = {name: directory / name for name in ("classifier.keras", "reference.npz", "floor.json")}
         if all(path.is_file() for path in files.values()):
             classifier = keras.saving.load_model(files["classifier.keras"], compile=False, safe_mode=True)
             with np.load(files["reference.npz"], allow_pickle=False) as reference:
                 mean, cov = reference["mean"], reference["cov"]
             saved = json.loads(files["floor.json"].read_text())
-            return cls(classifier, mean, cov, saved["floor"], saved["test_accuracy"])
-
-        log(f"Training the evaluation classifier once (cached in {directory}) ...")
-        start = time.perf_counter()
-        classifier, accuracy = train_classifier(train_images, train_labels, test_images, test_labels)
-        evaluator = cls(classifier, None, None, None, accuracy)
-        test_features, _ = evaluator.features_and_probabilities(test_images)
-        evaluator.reference_mean, evaluator.reference_cov = feature_statistics(test_features)
-        evaluator.floor = evaluator.evaluate(train_images[:FLOOR_SAMPLES])
-        log(f"Classifier test accuracy {accuracy:.4f}, trained in {time.perf_counter() - start:.0f} s")
-
-        directory.mkdir(parents=True, exist_ok=True)
-        pid = os.getpid()
-        temporary = {name: path.with_name(f".{path.stem}.tmp-{pid}{path.suffix}") for name, path in files.items()}
-        try:
-            classifier.save(temporary["classifier.keras"])
-            with open(temporary["reference.npz"], "wb") as handle:
-                np.savez(handle, mean=evaluator.reference_mean, cov=evaluator.reference_cov)
-            temporary["floor.json"].write_text(json.dumps(
-                {"floor": evaluator.floor, "test_accuracy": accuracy, "recipe": RECIPE,
-                 "floor_samples": FLOOR_SAMPLES}, indent=1) + "\n")
-            for name in ("classifier.keras", "reference.npz", "floor.json"):  # floor.json last: it marks done.
-                os.replace(temporary[name], files[name])
-        finally:
-            for path in temporary.values():
-                path.unlink(missing_ok=True)
+            evaluator = cls(classifier, mean, cov, saved["floor"], saved["test_accuracy"])
+        else:
+            log(f"Training the evaluation classifier once (cached in {directory}) ...")
+            start = time.perf_counter()
+            classifier, accuracy = train_classifier(train_images, train_labels, test_images, test_labels, epochs)
+            evaluator = cls(classifier, None, None, None, accuracy)
+            evaluator._set_reference(train_images, test_images)
+            log(f"Classifier test accuracy {accuracy:.4f}, trained in {time.perf_counter() - start:.0f} s")
+            directory.mkdir(parents=True, exist_ok=True)
+            pid = os.getpid()
+            temporary = {name: path.with_name(f".{path.stem}.tmp-{pid}{path.suffix}") for name, path in files.items()}
+            try:
+                classifier.save(temporary["classifier.keras"])
+                with open(temporary["reference.npz"], "wb") as handle:
+                    np.savez(handle, mean=evaluator.reference_mean, cov=evaluator.reference_cov)
+                temporary["floor.json"].write_text(json.dumps(
+                    {"floor": evaluator.floor, "test_accuracy": accuracy, "recipe": RECIPE,
+                     "floor_samples": FLOOR_SAMPLES}, indent=1) + "\n")
+                for name in ("classifier.keras", "reference.npz", "floor.json"):  # floor.json last: it marks done.
+                    os.replace(temporary[name], files[name])
+            finally:
+                for path in temporary.values():
+                    path.unlink(missing_ok=True)
+        if classes is not None and sorted(classes) != list(range(CLASSES)):
+            evaluator.classes = sorted(classes)
+            evaluator._set_reference(train_images[np.isin(train_labels, classes)],
+                                     test_images[np.isin(test_labels, classes)])
         return evaluator
+
+    def _set_reference(self, train_images, test_images):
+        """The test images' feature statistics, and the floor: the first FLOOR_SAMPLES train images' figures."""
+        test_features, _ = self.features_and_probabilities(test_images)
+        self.reference_mean, self.reference_cov = feature_statistics(test_features)
+        self.floor = self.evaluate(train_images[:FLOOR_SAMPLES])
 
 
 def feature_statistics(features):
@@ -203,13 +223,23 @@ def inception_score(probabilities, eps=1e-12):
     return float(np.exp(kl.mean()))
 
 
-def mode_coverage(probabilities):
-    """Classes covered (at least FAIR_SHARE of 1/10 of the predicted labels), and KL(histogram || uniform)."""
+def mode_coverage(probabilities, classes=None):
+    """Classes covered and the label histogram's KL divergence from uniform, over the classes in play.
+
+    A class is covered when it gets at least FAIR_SHARE of its uniform share (1/K of K classes in
+    play) of the predicted labels. The KL is that of the histogram over the classes in play
+    (renormalised) from uniform; `off_classes` is the fraction predicted as any other class.
+    """
+    classes = list(range(CLASSES)) if classes is None else list(classes)
     predicted = np.asarray(probabilities).argmax(axis=1)
     histogram = np.bincount(predicted, minlength=CLASSES) / len(predicted)
-    covered = int(np.sum(histogram >= FAIR_SHARE / CLASSES))
-    nonzero = histogram[histogram > 0]
-    return {"classes_covered": covered, "label_kl": float(np.sum(nonzero * np.log(nonzero * CLASSES))),
+    in_play = histogram[classes]
+    covered = int(np.sum(in_play >= FAIR_SHARE / len(classes)))
+    share = in_play / in_play.sum() if in_play.sum() else np.zeros_like(in_play)
+    nonzero = share[share > 0]
+    kl = float(np.sum(nonzero * np.log(nonzero * len(classes)))) if nonzero.size else float(np.log(len(classes)))
+    return {"classes_covered": covered, "classes": len(classes), "label_kl": kl,
+            "off_classes": round(float(1 - in_play.sum()), 4),
             "label_histogram": [round(float(h), 4) for h in histogram]}
 
 
@@ -217,15 +247,19 @@ def format_figures(figures, floor=None):
     """One line per figure, with the real-data floor beside it when given."""
     names = {"fid": "Frechet distance (MNIST features, lower is better)",
              "inception_score": "Inception Score (of 10)",
-             "classes_covered": "classes covered (of 10)",
+             "classes_covered": "classes covered",
              "label_kl": "label KL from uniform (nats)",
              "confidence": "mean top-class confidence"}
     lines = []
     for key, name in names.items():
         value = f"{figures[key]:.4g}" if isinstance(figures[key], float) else str(figures[key])
+        if key == "classes_covered":
+            value = f"{figures[key]}/{figures.get('classes', CLASSES)}"
         line = f"  {name:<52} {value:>9}"
         if floor is not None:
             floor_value = f"{floor[key]:.4g}" if isinstance(floor[key], float) else str(floor[key])
+            if key == "classes_covered":
+                floor_value = f"{floor[key]}/{floor.get('classes', CLASSES)}"
             line += f"   (real data: {floor_value})"
         lines.append(line)
     return "\n".join(lines)

@@ -10,6 +10,7 @@ layers to one logit. Both are trained with the non-saturating loss (binary cross
 import utils  # First: it loads TensorFlow with its start-up chatter muted.
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -19,6 +20,8 @@ import tensorflow as tf  # noqa: E402
 EPOCHS = 100  # znxlwm's length; a fully-connected GAN needs many epochs to sharpen its digits
 BATCH_SIZE = 100  # znxlwm's batch size: 600 steps per epoch on the 60,000 training images
 LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
+DATASET = "mnist"  # mnist, fashion_mnist, or cifar10 (32x32 colour, flattened to 3,072 values)
+CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
 # Models
 LATENT_DIM = 100  # size of the noise vector z ~ N(0, I) that G maps to an image
 LEAKY_SLOPE = 0.2  # slope of LeakyReLU for negative inputs, in G and D, as in the seed
@@ -31,8 +34,6 @@ SEED = 0  # seeds the weights, the data order and all noise, so a run can be rep
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
 EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: never); ~2 s each
 
-IMAGE_SHAPE = (28, 28, 1)
-
 
 # ------------------------------------------------------------------------------------------------
 # The two models
@@ -40,7 +41,8 @@ IMAGE_SHAPE = (28, 28, 1)
 
 
 def build_generator(config):
-    """G: z (latent_dim) -> 256 -> 512 -> 1024 -> 784 -> 28x28x1 in [-1, 1]."""
+    """G: z (latent_dim) -> 256 -> 512 -> 1024 -> 784 -> 28x28x1 in [-1, 1] (3,072 -> 32x32x3 for CIFAR-10)."""
+    shape = utils.DATASETS[config.dataset].shape
     return keras.Sequential([
         keras.Input((config.latent_dim,)),                        # (N, 100)
         keras.layers.Dense(256),                                  # (N, 256)
@@ -49,15 +51,15 @@ def build_generator(config):
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
-        keras.layers.Dense(28 * 28, activation="tanh", dtype="float32"),  # (N, 784) in [-1, 1], like the images
-        keras.layers.Reshape(IMAGE_SHAPE, dtype="float32"),       # (N, 28, 28, 1), float32 under any precision
+        keras.layers.Dense(int(np.prod(shape)), activation="tanh", dtype="float32"),  # (N, 784) in [-1, 1]
+        keras.layers.Reshape(shape, dtype="float32"),             # (N, 28, 28, 1), float32 under any precision
     ], name="generator")
 
 
 def build_discriminator(config):
     """D: 28x28x1 -> 784 -> 1024 -> 512 -> 256 -> 1 logit (positive: 'real')."""
     return keras.Sequential([
-        keras.Input(IMAGE_SHAPE),                                 # (N, 28, 28, 1)
+        keras.Input(utils.DATASETS[config.dataset].shape),        # (N, 28, 28, 1)
         keras.layers.Flatten(),                                   # (N, 784)
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
@@ -152,7 +154,7 @@ def main(argv=None):
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
     utils.resolve_speed_settings(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
-    images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1]
+    images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1] for MNIST
     if config.benchmark:
         utils.benchmark(config, images, build_training)
         return

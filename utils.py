@@ -120,6 +120,7 @@ _CHECKS = {
     "sample_grid": (lambda v: 1 <= v <= 32, "must be an integer from 1 to 32"),
     "limit": (lambda v: v >= 0, "must be 0 (all images) or a positive number of images"),
     "eval_every": (lambda v: v >= 0, "must be 0 (no evaluation) or a positive number of epochs"),
+    "dataset": (lambda v: v in ("mnist", "fashion_mnist", "cifar10"), "must be mnist, fashion_mnist or cifar10"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -162,14 +163,15 @@ def _parse_value(kind, flag):
     return parse
 
 
-def parse_config(script_path, namespace, argv=None, description=None, presets=None, preset_key="arch"):
+def parse_config(script_path, namespace, argv=None, description=None, presets=None, preset_key="arch",
+                 auto_preset=None):
     """Build the run's configuration from a script's constants and the command line.
 
     Every upper-case constant of plain type (int, float, str, bool or None) at the top of the
     script becomes a flag under the same name (`BATCH_SIZE` is `--batch-size`), with the
     constant's value as its default and its trailing comment as its help. A constant set to None
     takes its value from the chosen preset (`presets[config[preset_key]]`), so each preset carries
-    its own defaults. Besides the hyperparameters there are the run flags shared by both scripts:
+    its own defaults; a preset of 'auto' is chosen by `auto_preset(config)`. Besides the hyperparameters there are the run flags shared by both scripts:
     `--out`, `--data-dir`, `--generate` and `--samples-npz`.
 
     Returns a SimpleNamespace with lower-case names. An unknown flag, a wrong type or a bad value
@@ -204,7 +206,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
             hyper.add_argument(_flag(name), dest=key, default=default, help=help_text,
                                action=argparse.BooleanOptionalAction)
         else:
-            choices = list(presets) if key == preset_key and presets else None
+            choices = list(presets) + (["auto"] if auto_preset else []) if key == preset_key and presets else None
             hyper.add_argument(_flag(name), dest=key, default=default, help=help_text, metavar=kind.__name__.upper(),
                                type=_parse_value(kind, _flag(name)), choices=choices)
 
@@ -253,6 +255,8 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     config.explicit = {key for key in names if _flag(key) in given or _flag(key).replace("--", "--no-") in given}
 
     # Fill the preset's defaults for the constants left as None, then check every value.
+    if presets and auto_preset and getattr(config, preset_key) == "auto":
+        setattr(config, preset_key, auto_preset(config))
     if presets:
         for key, value in presets[getattr(config, preset_key)].items():
             if key in names and getattr(config, key) is None:
@@ -263,6 +267,8 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
             check, requirement = _CHECKS[key]
             if not check(value):
                 raise UsageError(f"argument {_flag(key)}: {requirement}, got {value}")
+    if "classes" in names and "dataset" in names and config.dataset in DATASETS:
+        parse_classes(config.classes, config.dataset)  # Refuses an unknown class now, before any data is read.
     if config.limit and config.batch_size > config.limit:
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the "
                          f"{config.limit} training images of --limit {config.limit}")
@@ -645,15 +651,52 @@ def load_cifar10(split="train", data_dir=None, limit=0, download=True):
     return _apply_limit(images, labels, limit)
 
 
-def load_training_images(config, image_size=28, transform="none"):
-    """The training images for a run: MNIST train (up to --limit), as float32 (N, S, S, 1) in [-1, 1].
+DATASETS = {
+    "mnist": SimpleNamespace(load=load_mnist, shape=(28, 28, 1), classes=tuple(str(d) for d in range(10))),
+    "fashion_mnist": SimpleNamespace(load=load_fashion_mnist, shape=(28, 28, 1), classes=(
+        "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")),
+    "cifar10": SimpleNamespace(load=load_cifar10, shape=(32, 32, 3), classes=CIFAR10_CLASSES),
+}
+
+
+def parse_classes(text, dataset):
+    """`--classes` as sorted class indices: a comma-separated list of indices or names; '' means all."""
+    names = DATASETS[dataset].classes
+    if not text.strip():
+        return list(range(len(names)))
+    indices = set()
+    for token in (t.strip() for t in text.split(",")):
+        wanted = token.lower().replace("_", " ")
+        if token.isdigit() and int(token) < len(names):
+            indices.add(int(token))
+        elif wanted in names:
+            indices.add(names.index(wanted))
+        else:
+            raise UsageError(f"argument --classes: {token!r} is not a {dataset} class; use 0..{len(names) - 1} "
+                             f"or one of {', '.join(names)}")
+    return sorted(indices)
+
+
+def load_dataset(config, split="train", limit=0):
+    """The `config.dataset` split, kept to `config.classes`, then to the first `limit` images."""
+    images, labels = DATASETS[config.dataset].load(split, config.data_dir)
+    wanted = parse_classes(config.classes, config.dataset)
+    if len(wanted) < len(DATASETS[config.dataset].classes):
+        keep = np.isin(labels, wanted)
+        images, labels = images[keep], labels[keep]
+    return _apply_limit(images, labels, limit)
+
+
+def load_training_images(config, image_size=None, transform="none"):
+    """The training images for a run: the dataset's train split (its --classes, up to --limit), as
+    float32 (N, S, S, C) in [-1, 1].
 
     Refuses a batch size larger than the data, as a flag error, before any model is built.
     """
-    images, _ = load_mnist("train", config.data_dir, config.limit)
+    images, _ = load_dataset(config, "train", config.limit)
     if config.batch_size > len(images):
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the {len(images)} training images")
-    return prepare_images(images, image_size, transform)
+    return prepare_images(images, image_size or images.shape[1], transform)
 
 
 def cache_dir():
@@ -663,12 +706,15 @@ def cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
 
 
-def load_evaluator(data_dir=None):
-    """The sample-quality evaluator for MNIST: its classifier is trained once (minutes) and cached."""
-    train_images, train_labels = load_mnist("train", data_dir)
-    test_images, test_labels = load_mnist("test", data_dir)
+def load_evaluator(dataset="mnist", data_dir=None, classes=""):
+    """The sample-quality evaluator for `dataset` (and its --classes): the classifier is trained once
+    per dataset (minutes) and cached."""
+    config = SimpleNamespace(dataset=dataset, data_dir=data_dir, classes="")
+    train_images, train_labels = load_dataset(config, "train")
+    test_images, test_labels = load_dataset(config, "test")
     try:
-        return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels)
+        return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels,
+                                                  classes=parse_classes(classes, dataset))
     except OSError as error:
         raise DataError(f"{cache_dir()}: cannot use the classifier cache ({error.strerror or error}); "
                         f"set GAN_MNIST_CACHE to a writable directory") from None
@@ -684,26 +730,36 @@ def _apply_limit(images, labels, limit):
 
 
 def prepare_images(images, image_size=28, transform="none"):
-    """MNIST uint8 (N, 28, 28) to float32 (N, S, S, 1) in [-1, 1], the generator's tanh range.
+    """Dataset uint8 (N, H, W) or (N, H, W, 3) to float32 (N, S, S, C) in [-1, 1], the generator's tanh range.
 
-    `transform` says how 28x28 becomes `image_size`: 'none' (28), 'pad' (zero-pad, black border,
-    as the 32x32 seed does) or 'resize' (bilinear, as the 64x64 seeds do).
+    `transform` says how the native H x W becomes `image_size`: 'none' (already that size), 'pad'
+    (zero-pad with a black border, as the 32x32 MNIST seed does) or 'resize' (bilinear, as the
+    64x64 seeds do).
     """
-    scaled = images.astype(np.float32)[..., None] / 127.5 - 1.0
+    scaled = images.astype(np.float32) / 127.5 - 1.0
+    if scaled.ndim == 3:
+        scaled = scaled[..., None]
+    native, channels = scaled.shape[1], scaled.shape[-1]
     if transform == "none":
         result = scaled
     elif transform == "pad":
-        margin = (image_size - 28) // 2
-        widths = ((0, 0), (margin, image_size - 28 - margin), (margin, image_size - 28 - margin), (0, 0))
-        result = np.pad(scaled, widths, constant_values=-1.0)
+        before, after = (image_size - native) // 2, image_size - native - (image_size - native) // 2
+        result = np.pad(scaled, ((0, 0), (before, after), (before, after), (0, 0)), constant_values=-1.0)
     elif transform == "resize":
         chunks = [tf.image.resize(scaled[i:i + 4096], (image_size, image_size)).numpy()
                   for i in range(0, len(scaled), 4096)]
-        result = np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, 1), np.float32)
+        result = np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, channels), np.float32)
     else:
         raise ValueError(f"unknown transform {transform!r}")
-    assert result.shape[1:] == (image_size, image_size, 1), result.shape
+    assert result.shape[1:] == (image_size, image_size, channels), result.shape
     return np.clip(result, -1.0, 1.0)
+
+
+def transform_for(native_size, image_size):
+    """How a dataset's native side becomes a model's: 'none', 'pad' (MNIST 28 -> 32) or 'resize'."""
+    if native_size == image_size:
+        return "none"
+    return "pad" if (native_size, image_size) == (28, 32) else "resize"
 
 
 def to_uint8(images):
@@ -711,20 +767,26 @@ def to_uint8(images):
     return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def to_mnist_uint8(images, transform="none"):
-    """Generated float (N, S, S, 1) in [-1, 1] back to MNIST's form: uint8 (N, 28, 28), white on black.
+def to_dataset_uint8(images, transform="none", native_size=28):
+    """Generated float (N, S, S, C) in [-1, 1] back to the dataset's form: uint8 (N, H, W) grey, (N, H, W, 3) colour.
 
-    Undoes `prepare_images`: crops the padded border or resizes (area-averaged) back to 28x28.
+    Undoes `prepare_images`: crops the padded border or resizes (area-averaged) back to the native side.
     """
     images = np.asarray(images, np.float32)
     if transform == "pad":
-        margin = (images.shape[1] - 28) // 2
-        images = images[:, margin:margin + 28, margin:margin + 28]
+        margin = (images.shape[1] - native_size) // 2
+        images = images[:, margin:margin + native_size, margin:margin + native_size]
     elif transform == "resize":
-        images = tf.image.resize(images, (28, 28), method="area").numpy()
-    if images.shape[1:3] != (28, 28):
-        raise ValueError(f"cannot bring images of shape {images.shape} back to 28x28 with transform {transform!r}")
-    return to_uint8(images[..., 0])
+        images = tf.image.resize(images, (native_size, native_size), method="area").numpy()
+    if images.shape[1:3] != (native_size, native_size):
+        raise ValueError(f"cannot bring images of shape {images.shape} back to {native_size}x{native_size} "
+                         f"with transform {transform!r}")
+    return to_uint8(images[..., 0] if images.shape[-1] == 1 else images)
+
+
+def to_mnist_uint8(images, transform="none"):
+    """Generated float (N, S, S, 1) in [-1, 1] back to MNIST's form: uint8 (N, 28, 28), white on black."""
+    return to_dataset_uint8(images, transform, 28)
 
 
 def image_grid(images, columns=None, padding=2, background=64):
@@ -1117,7 +1179,7 @@ def train(config, run, images, build, transform="none"):
     current step with a checkpoint saved; a non-finite loss stops it keeping the last good
     checkpoint. Both raise TrainingStopped.
     """
-    evaluator = load_evaluator(config.data_dir) if config.eval_every else None
+    evaluator = load_evaluator(config.dataset, config.data_dir, config.classes) if config.eval_every else None
     devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
     print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}; precision "
           f"{config.precision}, XLA {'on' if config.xla else 'off'}, {config.steps_per_call} steps per call")
@@ -1224,13 +1286,14 @@ def train(config, run, images, build, transform="none"):
                 tf.summary.scalar("epoch/seconds", seconds)
                 tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
             if evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
-                figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform)
+                figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform,
+                                             DATASETS[config.dataset].shape[0])
                 history["evaluations"].append({"epoch": epoch, **figures})
                 with writer.as_default(step=epoch * steps):
                     for key in evaluation.FIGURES:
                         tf.summary.scalar(f"evaluation/{key}", figures[key])
                 print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
-                      f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/10 classes, "
+                      f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/{figures['classes']} classes, "
                       f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)")
             writer.flush()
             history["total_seconds"] = round(time.perf_counter() - session_start, 3)
@@ -1252,8 +1315,9 @@ def train(config, run, images, build, transform="none"):
         final = history["evaluations"][-1]
         save_json(run.metrics, {"epoch": final["epoch"], "figures": final, "real_data_floor": evaluator.floor,
                                 "classifier_test_accuracy": evaluator.test_accuracy})
-        print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; written to "
-              f"{run.metrics.name}):\n{evaluation.format_figures(final, evaluator.floor)}")
+        print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; {config.dataset} classifier "
+              f"test accuracy {evaluator.test_accuracy:.4f}; written to {run.metrics.name}):\n"
+              f"{evaluation.format_figures(final, evaluator.floor)}")
     return history
 
 
@@ -1416,13 +1480,13 @@ def _interrupted(signum, config, run, where):
         f"the GIF so far. Resume with: python {config.script}.py --out {run.path} --resume", 128 + signum)
 
 
-def evaluate_generator(evaluator, generator, count, seed, transform):
-    """Score `count` samples of `generator` from noise fixed by `seed`, as MNIST-like uint8 digits."""
+def evaluate_generator(evaluator, generator, count, seed, transform, native_size=28):
+    """Score `count` samples of `generator` from noise fixed by `seed`, in the dataset's own uint8 form."""
     start = time.perf_counter()
     latent_dim = generator.input_shape[-1]
     # Its own noise stream (seed + 2), the same at every evaluation, so epochs compare.
     noise = np.random.default_rng(seed + 2).standard_normal((count, latent_dim)).astype(np.float32)
-    figures = evaluator.evaluate(to_mnist_uint8(sample_images(generator, noise), transform))
+    figures = evaluator.evaluate(to_dataset_uint8(sample_images(generator, noise), transform, native_size))
     figures["seconds"] = round(time.perf_counter() - start, 2)
     return figures
 
@@ -1454,30 +1518,34 @@ def plot_metrics(path, evaluations, floor):
 
 
 def load_trained_generator(run):
-    """The run's trained generator (Keras safe mode: no code from the file) and its image transform."""
+    """The run's trained generator (Keras safe mode: no code from the file) and the run's saved config."""
     if not run.generator.is_file():
         raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
                         f"(or name the run with --out)")
     try:
-        transform = json.loads(run.config.read_text()).get("transform", "none")
+        saved = json.loads(run.config.read_text())
     except (OSError, ValueError) as error:
         raise DataError(f"{run.config}: cannot read the run's configuration ({error})") from None
     try:
         generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged archive.
         raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
-    return generator, transform
+    saved.setdefault("transform", "none")
+    saved.setdefault("dataset", "mnist")
+    saved.setdefault("classes", "")
+    return generator, saved
 
 
 def evaluate_run(config, run):
     """Score a trained run's generator on `config.num_samples` samples; print and save the figures."""
-    generator, transform = load_trained_generator(run)
-    evaluator = load_evaluator(config.data_dir)
-    figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform)
+    generator, saved = load_trained_generator(run)
+    evaluator = load_evaluator(saved["dataset"], config.data_dir, saved["classes"])
+    figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved["transform"],
+                                 DATASETS[saved["dataset"]].shape[0])
     save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
                                "classifier_test_accuracy": evaluator.test_accuracy})
     print(f"Sample quality of {run.generator} ({figures['samples']} samples, seed {config.seed}; "
-          f"classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
+          f"{saved['dataset']} classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
     print(evaluation.format_figures(figures, evaluator.floor))
     print(f"Wrote {run.evaluation}")
     return figures
@@ -1490,7 +1558,7 @@ def generate(config, run):
     uint8 (N, 28, 28), 0..255, white on black like MNIST, under the key 'images' (the 32 and 64
     presets' outputs are cropped or resized back to 28x28).
     """
-    generator, transform = load_trained_generator(run)
+    generator, saved = load_trained_generator(run)
     latent_dim = generator.input_shape[-1]
     noise = np.random.default_rng(config.seed).standard_normal((config.generate, latent_dim)).astype(np.float32)
     samples = sample_images(generator, noise)
@@ -1498,11 +1566,11 @@ def generate(config, run):
     print(f"Wrote {config.generate} samples to {run.generated}")
     if config.samples_npz:
         destination = Path(config.samples_npz)
-        mnist_like = to_mnist_uint8(samples, transform)
+        native = to_dataset_uint8(samples, saved["transform"], DATASETS[saved["dataset"]].shape[0])
         try:
             with atomic_path(destination) as temporary, open(temporary, "wb") as handle:
-                np.savez_compressed(handle, images=mnist_like)
+                np.savez_compressed(handle, images=native)
         except OSError as error:
             raise DataError(f"{destination}: cannot write the samples ({error.strerror or error})") from None
-        print(f"Wrote {destination} (images: uint8 {mnist_like.shape})")
+        print(f"Wrote {destination} (images: uint8 {native.shape})")
     return samples

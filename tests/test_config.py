@@ -10,7 +10,8 @@ from conftest import run_script
 
 def parse(module, *argv):
     presets = getattr(module, "PRESETS", None)
-    return utils.parse_config(module.__file__, vars(module), list(argv), presets=presets)
+    return utils.parse_config(module.__file__, vars(module), list(argv), presets=presets,
+                              auto_preset=getattr(module, "default_arch", None))
 
 
 def test_defaults_come_from_the_constants_at_the_top():

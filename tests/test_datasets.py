@@ -158,3 +158,71 @@ def test_cifar_download_with_a_wrong_checksum_leaves_nothing(tmp_path, monkeypat
     with pytest.raises(utils.DataError, match="CIFAR-10 download failed.*SHA-256"):
         utils.load_cifar10("train", tmp_path / "downloaded")
     assert list((tmp_path / "downloaded").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on each dataset, --classes, and evaluation per dataset
+# ------------------------------------------------------------------------------------------------
+
+import imageio.v3 as iio  # noqa: E402
+
+import dcgan_mnist  # noqa: E402
+import evaluation  # noqa: E402
+import gan_mnist  # noqa: E402
+
+QUICK = ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0"]
+
+
+@pytest.mark.parametrize("module, dataset, extra, tile, channels", [
+    (gan_mnist, "fashion_mnist", [], 28, 1),
+    (gan_mnist, "cifar10", [], 32, 3),
+    (dcgan_mnist, "fashion_mnist", ["--arch", "32"], 32, 1),
+    (dcgan_mnist, "cifar10", [], 32, 3),  # --arch auto: 32 for CIFAR-10.
+    (dcgan_mnist, "cifar10", ["--arch", "28", "--classes", "automobile"], 28, 3),
+])
+def test_each_script_trains_on_each_dataset(tmp_path, fashion_dir, cifar_dir, module, dataset, extra, tile, channels):
+    data_dir = cifar_dir if dataset == "cifar10" else fashion_dir
+    run_dir = tmp_path / "run"
+    module.main(QUICK + extra + ["--dataset", dataset, "--data-dir", str(data_dir), "--out", str(run_dir)])
+    side = 10 * (tile + 2) + 2
+    grid = iio.imread(run_dir / "epoch_001.png")
+    assert grid.shape == ((side, side, 3) if channels == 3 else (side, side))
+    if channels == 3:
+        assert np.abs(grid[..., 0].astype(int) - grid[..., 2]).max() > 0  # Colour, not grey in three channels.
+    assert iio.imread(run_dir / "progress.gif", index=None).shape[1:3] == (side, side)
+    real = iio.imread(run_dir / "real_samples.png")  # The 64 training images: 7 rows of 10.
+    assert real.shape == ((7 * (tile + 2) + 2, side) + ((3,) if channels == 3 else ()))
+    npz = tmp_path / "samples.npz"
+    module.main(["--out", str(run_dir), "--generate", "6", "--samples-npz", str(npz)])
+    with np.load(npz, allow_pickle=False) as archive:
+        native = (32, 32, 3) if dataset == "cifar10" else (28, 28)
+        assert archive["images"].shape == (6,) + native and archive["images"].dtype == np.uint8
+
+
+def test_classes_filter_by_name_and_index(cifar_dir, capsys):
+    config = utils.SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile, 9")
+    images, labels = utils.load_dataset(config, "test")
+    assert sorted(set(labels.tolist())) == [1, 9] and len(images) == 2000
+    config = utils.SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile")
+    assert len(utils.load_dataset(config, "train")[0]) == 5000
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_main(gan_mnist.main, ["--dataset", "cifar10", "--classes", "unicorn"])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err
+    assert "--classes: 'unicorn' is not a cifar10 class" in error and "automobile" in error
+    with pytest.raises(SystemExit):
+        utils.run_main(gan_mnist.main, ["--classes", "10"])  # MNIST has 0..9.
+
+
+def test_evaluation_works_in_colour_and_on_a_class_subset(tmp_path, cifar_dir):
+    train, train_labels = utils.load_cifar10("train", cifar_dir, limit=3000)
+    test, test_labels = utils.load_cifar10("test", cifar_dir, limit=1000)
+    evaluator = evaluation.Evaluator.load_or_train(tmp_path, train, train_labels, test, test_labels,
+                                                   classes=[1, 9], log=lambda message: None, epochs=1)
+    assert evaluator.shape == (32, 32, 3) and evaluator.classes == [1, 9]
+    subset = test[np.isin(test_labels, [1, 9])]
+    figures = evaluator.evaluate(subset)
+    assert figures["fid"] == pytest.approx(0, abs=1e-6) and figures["classes"] == 2
+    assert evaluator.floor["classes"] == 2
+    with pytest.raises(ValueError, match=r"shape \(N, 32, 32, 3\), got \(5, 28, 28\)"):
+        evaluator.evaluate(np.zeros((5, 28, 28), np.uint8))

@@ -14,7 +14,7 @@ import utils
 @pytest.fixture(scope="session")
 def evaluator(mnist_dir):
     """The cached evaluator (trained once per machine, about two minutes, then loaded in a second)."""
-    return utils.load_evaluator(mnist_dir)
+    return utils.load_evaluator("mnist", mnist_dir)
 
 
 @pytest.fixture(scope="session")

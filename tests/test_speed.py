@@ -16,7 +16,8 @@ TINY = ["--limit", "128", "--batch-size", "32", "--eval-every", "0", "--epochs",
 
 def config_for(module, *argv):
     presets = getattr(module, "PRESETS", None)
-    config = utils.parse_config(module.__file__, vars(module), list(argv), presets=presets)
+    config = utils.parse_config(module.__file__, vars(module), list(argv), presets=presets,
+                              auto_preset=getattr(module, "default_arch", None))
     return utils.resolve_speed_settings(config, default_steps_per_call=1)
 
 
