@@ -102,6 +102,9 @@ def run_main(main, argv=None):
     except TrainingStopped as stopped:
         print(f"{program}: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:  # Outside training (loading data, say), or a second Ctrl-C in it.
+        print(f"\n{program}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
