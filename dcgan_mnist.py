@@ -205,7 +205,7 @@ def main(argv=None):
     preset = PRESETS[config.arch]
     utils.resolve_speed_settings(config, default_steps_per_call=1)  # Steps of ~0.3 s: no overhead to hide.
     transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], preset["image_size"])
-    images = utils.load_training_images(config, preset["image_size"], transform)  # (N, S, S, C) in [-1, 1]
+    images = utils.load_training_images(config, preset["image_size"], transform)  # uint8 (N, S, S, C)
 
     def build(settings):
         return build_training(settings, preset)

@@ -154,7 +154,7 @@ def main(argv=None):
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
     utils.resolve_speed_settings(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
-    images = utils.load_training_images(config)                    # (60000, 28, 28, 1) in [-1, 1] for MNIST
+    images = utils.load_training_images(config)                    # uint8 (60000, 28, 28, 1) for MNIST
     if config.benchmark:
         utils.benchmark(config, images, build_training)
         return

@@ -692,14 +692,18 @@ def load_dataset(config, split="train", limit=0):
 
 def load_training_images(config, image_size=None, transform="none"):
     """The training images for a run: the dataset's train split (its --classes, up to --limit), as
-    float32 (N, S, S, C) in [-1, 1].
+    uint8 (N, S, S, C) at the model's size S (see `prepare_images`).
 
     Refuses a batch size larger than the data, as a flag error, before any model is built.
     """
     images, _ = load_dataset(config, "train", config.limit)
     if config.batch_size > len(images):
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the {len(images)} training images")
-    return prepare_images(images, image_size or images.shape[1], transform)
+    # Kept as uint8 at the model's size (a quarter of float32's memory, on the device too); each
+    # step scales its batch to [-1, 1]. Converted in chunks, so the float copies stay small.
+    size = image_size or images.shape[1]
+    chunks = [to_uint8(prepare_images(images[i:i + 8192], size, transform)) for i in range(0, len(images), 8192)]
+    return np.concatenate(chunks)
 
 
 def cache_dir():
@@ -739,7 +743,9 @@ def prepare_images(images, image_size=28, transform="none"):
     (zero-pad with a black border, as the 32x32 MNIST seed does) or 'resize' (bilinear, as the
     64x64 seeds do).
     """
-    scaled = images.astype(np.float32) / 127.5 - 1.0
+    scaled = images.astype(np.float32)
+    scaled /= 127.5
+    scaled -= 1.0
     if scaled.ndim == 3:
         scaled = scaled[..., None]
     native, channels = scaled.shape[1], scaled.shape[-1]
@@ -755,7 +761,7 @@ def prepare_images(images, image_size=28, transform="none"):
     else:
         raise ValueError(f"unknown transform {transform!r}")
     assert result.shape[1:] == (image_size, image_size, channels), result.shape
-    return np.clip(result, -1.0, 1.0)
+    return np.clip(result, -1.0, 1.0, out=result)
 
 
 def transform_for(native_size, image_size):
@@ -1103,6 +1109,7 @@ def make_optimizer(config, variables):
 def compile_steps(train_step, images, config):
     """K training steps in one compiled call, each gathering its batch from the dataset on the device.
 
+    `images` is the uint8 training set (N, S, S, C); each batch is scaled to [-1, 1] in the call.
     The returned function takes (K, batch_size) image indices and returns (K, 4) float32 values of
     METRICS. Its signature leaves K open, so the shorter last call of an epoch does not retrace.
     """
@@ -1112,7 +1119,8 @@ def compile_steps(train_step, images, config):
         count = tf.shape(batch_indices)[0]
         values = tf.TensorArray(tf.float32, size=count)
         for index in tf.range(count):
-            step_values = train_step(tf.gather(images, batch_indices[index]))
+            batch = tf.cast(tf.gather(images, batch_indices[index]), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+            step_values = train_step(batch)
             values = values.write(index, tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS]))
         return values.stack()
 
