@@ -120,7 +120,7 @@ class Evaluator:
         self._features_and_logits = keras.Model(classifier.inputs, [feature_layer.output, classifier.outputs[0]])
         self._predict = tf.function(lambda x: self._features_and_logits(x, training=False), reduce_retracing=True)
 
-    def features_and_probabilities(self, images, batch_size=2000):
+    def features_and_probabilities(self, images, batch_size=500):
         """Penultimate features (N, 128, float64) and class probabilities (N, 10) of uint8 images."""
         x = _scaled(images, self.shape)
         features, probabilities = [], []
@@ -245,7 +245,7 @@ def mode_coverage(probabilities, classes=None):
 
 def format_figures(figures, floor=None):
     """One line per figure, with the real-data floor beside it when given."""
-    names = {"fid": "Frechet distance (MNIST features, lower is better)",
+    names = {"fid": "Frechet distance (classifier features, lower is better)",
              "inception_score": "Inception Score (of 10)",
              "classes_covered": "classes covered",
              "label_kl": "label KL from uniform (nats)",
