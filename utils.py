@@ -1067,12 +1067,13 @@ def _cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_speed_settings(config, default_steps_per_call):
+def resolve_speed_settings(config, default_steps_per_call, bf16_on_cpu=True):
     """Fill in --precision auto, --xla and --steps-per-call 0 with what measured fastest on this device.
 
     On this project's 2-core CPU (AVX512-BF16), bf16 ran the DCGAN step 1.3x faster than fp32 and
     XLA ran it 1.5x slower; on GPUs, XLA and several steps per call remove per-step overhead, and
     bf16 (compute capability 8+) or fp16 with loss scaling (7.x) use the tensor cores.
+    `bf16_on_cpu=False` keeps fp32 on the CPU for a model where bf16 measured slower there.
     """
     gpus = tf.config.list_physical_devices("GPU")
     if config.precision == "auto":
@@ -1080,7 +1081,7 @@ def resolve_speed_settings(config, default_steps_per_call):
             capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
             config.precision = "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
         else:
-            config.precision = "bf16" if _cpu_has_bf16() else "fp32"
+            config.precision = "bf16" if _cpu_has_bf16() and bf16_on_cpu else "fp32"
     if config.xla is None:
         config.xla = bool(gpus)
     if not config.steps_per_call:
