@@ -37,7 +37,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscill
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
-EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: never); ~3 s each
+EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: never); ~5 s each on 2 CPU cores
 
 # The presets: resolution, layer widths, and their own defaults. G projects z to g_start, then
 # each transposed convolution doubles the side, the last one to the dataset's C channels (1 for

@@ -32,7 +32,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
-EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: never); ~2 s each
+EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: never); ~3 s each on 2 CPU cores
 
 
 # ------------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
             help_text = f"{comment} (default: from --{preset_key}; {shown})"
         else:
             kind = type(default)
-            help_text = f"{comment} (default: {default})"
+            help_text = f"{comment} (default: {default!r})" if default == "" else f"{comment} (default: {default})"
         help_text = help_text.replace("%", "%%")
         if kind is bool:
             hyper.add_argument(_flag(name), dest=key, default=default, help=help_text,
@@ -217,12 +217,14 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     run.add_argument("--out", metavar="DIR", default=None,
                      help=f"run directory for every output (default: results/{script_name})")
     run.add_argument("--data-dir", metavar="DIR", default=None,
-                     help="directory with the MNIST IDX files or mnist.npz (default: $MNIST_DIR, data/mnist, "
-                          "~/.keras/datasets, else download)")
+                     help="directory with the dataset's files: MNIST or Fashion-MNIST IDX files (or mnist.npz), "
+                          "or CIFAR-10's cifar-10-batches-py (default: $MNIST_DIR, $FASHION_MNIST_DIR or "
+                          "$CIFAR10_DIR, data/<dataset>, the system's and Keras's copies, else download)")
     run.add_argument("--generate", metavar="N", type=_parse_value(int, "--generate"), default=None,
                      help="do not train: load the run's trained generator (--out) and write an N-sample grid")
     run.add_argument("--samples-npz", metavar="FILE", default=None,
-                     help="with --generate: also write the samples as uint8 (N, 28, 28) under the key 'images'")
+                     help="with --generate: also write the samples as uint8 (N, 28, 28), or (N, 32, 32, 3) for "
+                          "CIFAR-10, under the key 'images'")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint, with its saved hyperparameters "
                           "(--epochs may grow)")
