@@ -196,11 +196,7 @@ def main(argv=None):
     config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS,
                                 auto_preset=default_arch)
     run = utils.RunDirectory(config.out)
-    if config.generate:
-        utils.generate(config, run)
-        return
-    if config.evaluate:
-        utils.evaluate_run(config, run)
+    if utils.generate_or_evaluate(config, run):  # --generate N or --evaluate on a trained run.
         return
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
@@ -213,11 +209,7 @@ def main(argv=None):
     def build(settings):
         return build_training(settings, preset)
 
-    if config.benchmark:
-        utils.benchmark(config, images, build)
-        return
-    run.create(config.overwrite)
-    utils.train(config, run, images, build, transform)
+    utils.benchmark_or_train(config, run, images, build, transform)
 
 
 if __name__ == "__main__":

@@ -145,21 +145,13 @@ def build_training(config):
 def main(argv=None):
     config = utils.parse_config(__file__, globals(), argv, description=__doc__)
     run = utils.RunDirectory(config.out)
-    if config.generate:
-        utils.generate(config, run)
-        return
-    if config.evaluate:
-        utils.evaluate_run(config, run)
+    if utils.generate_or_evaluate(config, run):  # --generate N or --evaluate on a trained run.
         return
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
     utils.resolve_speed_settings(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
     images = utils.load_training_images(config)                    # uint8 (60000, 28, 28, 1) for MNIST
-    if config.benchmark:
-        utils.benchmark(config, images, build_training)
-        return
-    run.create(config.overwrite)
-    utils.train(config, run, images, build_training)
+    utils.benchmark_or_train(config, run, images, build_training)
 
 
 if __name__ == "__main__":

@@ -1565,6 +1565,23 @@ def evaluate_run(config, run):
     return figures
 
 
+def generate_or_evaluate(config, run):
+    """Serve --generate or --evaluate from the trained run in `run`; True if one of them was asked for."""
+    if config.generate:
+        generate(config, run)
+    elif config.evaluate:
+        evaluate_run(config, run)
+    return bool(config.generate or config.evaluate)
+
+
+def benchmark_or_train(config, run, images, build, transform="none"):
+    """With --benchmark, time the training step; else create the run directory and train (see `train`)."""
+    if config.benchmark:
+        return benchmark(config, images, build)
+    run.create(config.overwrite)
+    return train(config, run, images, build, transform)
+
+
 def generate(config, run):
     """Load the run's trained generator and write `config.generate` samples: a grid, and an npz if asked.
 
