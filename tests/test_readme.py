@@ -1,0 +1,46 @@
+"""The README's promises: every flag it names exists, every command it quotes parses, every file exists."""
+
+import re
+import shlex
+
+import pytest
+
+import dcgan_mnist
+import gan_mnist
+import utils
+from conftest import REPO
+
+README = (REPO / "README.md").read_text()
+SCRIPTS = {"gan_mnist.py": gan_mnist, "dcgan_mnist.py": dcgan_mnist}
+
+
+def help_text(module, capsys):
+    with pytest.raises(SystemExit):
+        utils.parse_config(module.__file__, vars(module), ["--help"], presets=getattr(module, "PRESETS", None),
+                           auto_preset=getattr(module, "default_arch", None))
+    return capsys.readouterr().out
+
+
+def test_every_flag_the_readme_names_is_in_a_scripts_help(capsys):
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", README)) - {"--logdir"}  # tensorboard's own
+    known = help_text(gan_mnist, capsys) + help_text(dcgan_mnist, capsys)
+    missing = sorted(flag for flag in flags if flag not in known)
+    assert not missing, f"README names flags that no script has: {missing}"
+
+
+def test_every_quoted_command_parses(capsys):
+    commands = re.findall(r"^python (\S+\.py)(.*?)(?:\s+#.*)?$", README, flags=re.MULTILINE)
+    assert len(commands) >= 10
+    for script, arguments in commands:
+        module = SCRIPTS[script]
+        argv = shlex.split(arguments)
+        if "--help" in argv:
+            continue
+        utils.parse_config(module.__file__, vars(module), argv, presets=getattr(module, "PRESETS", None),
+                           auto_preset=getattr(module, "default_arch", None))
+
+
+def test_every_file_the_readme_names_exists():
+    for name in ("gan_mnist.py", "dcgan_mnist.py", "utils.py", "evaluation.py", "requirements.txt", ".ci/run"):
+        assert name in README or name == ".ci/run"
+        assert (REPO / name).is_file(), name
