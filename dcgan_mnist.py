@@ -31,6 +31,7 @@ BATCH_SIZE = None  # images per step
 LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
 DATASET = "mnist"  # mnist, fashion_mnist or cifar10 (32x32 colour); the presets adapt their channels
 CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
+CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Optimisation
 LR = 2e-4  # Adam learning rate for both networks (Radford et al.)
 BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscillate
@@ -85,10 +86,12 @@ def batch_norm(config):
 
 
 def build_generator(config, preset):
-    """G: z -> dense projection to g_start -> transposed convolutions, each doubling the side -> tanh."""
+    """G: z -> dense projection to g_start -> transposed convolutions, each doubling the side -> tanh.
+
+    With --conditional, G(z, y): the one-hot label y is concatenated to z.
+    """
     height, width, channels = preset["g_start"]
-    layers = [
-        keras.Input((config.latent_dim,)),                                         # (N, z)
+    layers = [                                                                     # (N, z), or (N, z + 10) with y
         keras.layers.Dense(height * width * channels, use_bias=False, kernel_initializer=weights()),
         batch_norm(config),
         keras.layers.ReLU(),
@@ -103,13 +106,16 @@ def build_generator(config, preset):
     layers.append(keras.layers.Conv2DTranspose(utils.DATASETS[config.dataset].shape[-1], config.kernel_size,
                                                strides=2, padding="same", kernel_initializer=weights(),
                                                activation="tanh", dtype="float32"))
-    return keras.Sequential(layers, name="generator")
+    return utils.assemble(layers, (config.latent_dim,), config, "generator")
 
 
 def build_discriminator(config, preset):
-    """D: image -> strided convolutions, each halving the side -> dense -> 1 logit."""
+    """D: image -> strided convolutions, each halving the side -> dense -> 1 logit.
+
+    With --conditional, D(x, y): the one-hot label y joins the image as 10 constant channels.
+    """
     size = preset["image_size"]
-    layers = [keras.Input((size, size, utils.DATASETS[config.dataset].shape[-1]))]  # (N, S, S, C)
+    layers = []                                                          # (N, S, S, C), or (N, S, S, C + 10)
     for index, channels in enumerate(preset["d_channels"]):
         # (N, s, s, c) -> (N, s/2, s/2, channels); no batch norm on the input layer.
         layers.append(keras.layers.Conv2D(channels, config.kernel_size, strides=2, padding="same",
@@ -121,7 +127,7 @@ def build_discriminator(config, preset):
         keras.layers.Flatten(),
         keras.layers.Dense(1, kernel_initializer=weights(), dtype="float32"),      # (N, 1) logit, float32
     ]
-    return keras.Sequential(layers, name="discriminator")
+    return utils.assemble(layers, (size, size, utils.DATASETS[config.dataset].shape[-1]), config, "discriminator")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,25 +167,28 @@ def build_training(config, preset):
     g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
     d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
+    # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
+    random_labels, conditioned = utils.label_helpers(config, noise_rng)
 
-    def train_step(real_images):
+    def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
 
-        # update D: maximize log D(x) + log(1 - D(G(z)))
-        noise = noise_rng.normal((batch_size, config.latent_dim))
+        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))
+        noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
-            fake_images = generator(noise, training=True)
-            real_logits = discriminator(real_images, training=True)
-            fake_logits = discriminator(fake_images, training=True)
+            fake_images = generator(conditioned(noise, fake_labels), training=True)
+            real_logits = discriminator(conditioned(real_images, real_labels), training=True)
+            fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
             scaled_loss = d_optimizer.scale_loss(d_loss)  # Multiplied by the loss scale under fp16, else as is.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
-        # update G: maximize log D(G(z)) on fresh noise, against the D just updated
-        noise = noise_rng.normal((batch_size, config.latent_dim))
+        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated
+        noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
-            g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
+            fake_images = generator(conditioned(noise, fake_labels), training=True)
+            g_loss = generator_loss(discriminator(conditioned(fake_images, fake_labels), training=True))
             scaled_loss = g_optimizer.scale_loss(g_loss)
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)
@@ -204,12 +213,12 @@ def main(argv=None):
     # Steps of ~0.2 s on the CPU: no Python overhead to hide, so one step per call there.
     utils.resolve_speed_settings(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))
     transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], preset["image_size"])
-    images = utils.load_training_images(config, preset["image_size"], transform)  # uint8 (N, S, S, C)
+    data = utils.load_training_images(config, preset["image_size"], transform)  # uint8 (N, S, S, C), labels
 
     def build(settings):
         return build_training(settings, preset)
 
-    utils.benchmark_or_train(config, run, images, build, transform)
+    utils.benchmark_or_train(config, run, data, build, transform)
 
 
 if __name__ == "__main__":

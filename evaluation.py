@@ -262,4 +262,8 @@ def format_figures(figures, floor=None):
                 floor_value = f"{floor[key]}/{floor.get('classes', CLASSES)}"
             line += f"   (real data: {floor_value})"
         lines.append(line)
+    if "label_accuracy" in figures:  # A conditional run: is the requested class what comes out?
+        per_class = ", ".join(f"{name} {value:.2f}" for name, value in figures["label_accuracy_per_class"].items())
+        lines.append(f"  {'requested label recognised (conditional)':<52} {figures['label_accuracy']:>9.4g}"
+                     f"   (per class: {per_class})")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ BATCH_SIZE = 100  # znxlwm's batch size: 600 steps per epoch on the 60,000 train
 LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
 DATASET = "mnist"  # mnist, fashion_mnist, or cifar10 (32x32 colour, flattened to 3,072 values)
 CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
+CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Models
 LATENT_DIM = 100  # size of the noise vector z ~ N(0, I) that G maps to an image
 LEAKY_SLOPE = 0.2  # slope of LeakyReLU for negative inputs, in G and D, as in the seed
@@ -41,10 +42,12 @@ EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: 
 
 
 def build_generator(config):
-    """G: z (latent_dim) -> 256 -> 512 -> 1024 -> 784 -> 28x28x1 in [-1, 1] (3,072 -> 32x32x3 for CIFAR-10)."""
+    """G: z (latent_dim) -> 256 -> 512 -> 1024 -> 784 -> 28x28x1 in [-1, 1] (3,072 -> 32x32x3 for CIFAR-10).
+
+    With --conditional, G(z, y): the one-hot label y is concatenated to z.
+    """
     shape = utils.DATASETS[config.dataset].shape
-    return keras.Sequential([
-        keras.Input((config.latent_dim,)),                        # (N, 100)
+    return utils.assemble([                                         # (N, 100), or (N, 110) with y
         keras.layers.Dense(256),                                  # (N, 256)
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(512),                                  # (N, 512)
@@ -53,14 +56,15 @@ def build_generator(config):
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(int(np.prod(shape)), activation="tanh", dtype="float32"),  # (N, 784) in [-1, 1]
         keras.layers.Reshape(shape, dtype="float32"),             # (N, 28, 28, 1), float32 under any precision
-    ], name="generator")
+    ], (config.latent_dim,), config, "generator")
 
 
 def build_discriminator(config):
-    """D: 28x28x1 -> 784 -> 1024 -> 512 -> 256 -> 1 logit (positive: 'real')."""
-    return keras.Sequential([
-        keras.Input(utils.DATASETS[config.dataset].shape),        # (N, 28, 28, 1)
-        keras.layers.Flatten(),                                   # (N, 784)
+    """D: 28x28x1 -> 784 -> 1024 -> 512 -> 256 -> 1 logit (positive: 'real').
+
+    With --conditional, D(x, y): the one-hot label y is concatenated to the flattened image.
+    """
+    return utils.assemble([                                         # (N, 784), or (N, 794) with y
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dropout(config.dropout),
@@ -71,7 +75,7 @@ def build_discriminator(config):
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dropout(config.dropout),
         keras.layers.Dense(1, dtype="float32"),                   # (N, 1) logit; the sigmoid is in the loss
-    ], name="discriminator")
+    ], utils.DATASETS[config.dataset].shape, config, "discriminator", flatten=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,25 +115,28 @@ def build_training(config):
     g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
     d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
+    # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
+    random_labels, conditioned = utils.label_helpers(config, noise_rng)
 
-    def train_step(real_images):
+    def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
 
-        # update D: maximize log D(x) + log(1 - D(G(z)))
-        noise = noise_rng.normal((batch_size, config.latent_dim))
+        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))
+        noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
-            fake_images = generator(noise, training=True)
-            real_logits = discriminator(real_images, training=True)
-            fake_logits = discriminator(fake_images, training=True)
+            fake_images = generator(conditioned(noise, fake_labels), training=True)
+            real_logits = discriminator(conditioned(real_images, real_labels), training=True)
+            fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
             scaled_loss = d_optimizer.scale_loss(d_loss)  # Multiplied by the loss scale under fp16, else as is.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
-        # update G: maximize log D(G(z)) on fresh noise, against the D just updated
-        noise = noise_rng.normal((batch_size, config.latent_dim))
+        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated
+        noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
-            g_loss = generator_loss(discriminator(generator(noise, training=True), training=True))
+            fake_images = generator(conditioned(noise, fake_labels), training=True)
+            g_loss = generator_loss(discriminator(conditioned(fake_images, fake_labels), training=True))
             scaled_loss = g_optimizer.scale_loss(g_loss)
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)
@@ -150,8 +157,8 @@ def main(argv=None):
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
     utils.resolve_speed_settings(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
-    images = utils.load_training_images(config)                    # uint8 (60000, 28, 28, 1) for MNIST
-    utils.benchmark_or_train(config, run, images, build_training)
+    data = utils.load_training_images(config)       # uint8 images (60000, 28, 28, 1) and labels for MNIST
+    utils.benchmark_or_train(config, run, data, build_training)
 
 
 if __name__ == "__main__":

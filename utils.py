@@ -225,6 +225,12 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     run.add_argument("--samples-npz", metavar="FILE", default=None,
                      help="with --generate: also write the samples as uint8 (N, 28, 28), or (N, 32, 32, 3) for "
                           "CIFAR-10, under the key 'images'")
+    run.add_argument("--label", metavar="L", type=_parse_value(int, "--label"), default=None,
+                     help="with --generate or --interpolate on a conditional run: draw class L only "
+                          "(default: every class in turn)")
+    run.add_argument("--interpolate", action="store_true",
+                     help="do not train: write interpolation.gif, a walk through the run's latent space "
+                          "(and, for a conditional run, a morph through its classes)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint, with its saved hyperparameters "
                           "(--epochs may grow)")
@@ -295,6 +301,8 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
         raise UsageError(f"argument --num-samples: must be at least 2, got {config.num_samples}")
     if config.evaluate and config.generate is not None:
         raise UsageError("argument --evaluate: not allowed with --generate; run them one after the other")
+    if config.label is not None and config.generate is None and not config.interpolate:
+        raise UsageError("argument --label: only used with --generate or --interpolate")
     if config.samples_npz is not None and config.generate is None:
         raise UsageError("argument --samples-npz: only used with --generate N")
     if config.samples_npz is not None and not config.samples_npz.endswith(".npz"):
@@ -682,6 +690,64 @@ def parse_classes(text, dataset):
     return sorted(indices)
 
 
+def class_count(config):
+    """How many classes the dataset has (the size of a conditional model's one-hot label)."""
+    return len(DATASETS[config.dataset].classes)
+
+
+def one_hot(labels, config):
+    """Labels (N,) as float32 one-hot vectors (N, classes): what a conditional G and D take."""
+    return np.eye(class_count(config), dtype=np.float32)[np.asarray(labels, np.int64)]
+
+
+def balanced_labels(count, config):
+    """`count` labels cycling through the classes in play (--classes), so every class gets its share."""
+    classes = parse_classes(config.classes, config.dataset)
+    return np.array([classes[i % len(classes)] for i in range(count)], np.int32)
+
+
+def assemble(layers, input_shape, config, name, flatten=False):
+    """A model applying `layers` to an input of `input_shape`; with --conditional it also takes a label.
+
+    The label (one-hot, (N, classes)) joins the input: concatenated to a vector (z, or the image
+    once flattened with `flatten`), or to an image as one constant plane per class stacked on its
+    channels. Built from Keras layers only, so a saved model loads in safe mode.
+    """
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs) if flatten else inputs
+    if getattr(config, "conditional", False):
+        label = keras.Input((class_count(config),))
+        if len(x.shape) == 2:
+            x = keras.layers.Concatenate()([x, label])                              # (N, features + classes)
+        else:
+            planes = keras.layers.Reshape((1, 1, class_count(config)))(label)
+            planes = keras.layers.UpSampling2D(size=tuple(input_shape[:2]))(planes)  # (N, H, W, classes)
+            x = keras.layers.Concatenate()([x, planes])                            # (N, H, W, C + classes)
+        inputs = [inputs, label]
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def label_helpers(config, rng):
+    """For a train step: `random_labels(n)`, uniform over the classes in play (every one of them,
+    the last included), and `conditioned(x, labels)`, the input a model takes ([x, one-hot labels]
+    when conditional). Unconditional: no labels are drawn and `conditioned` passes x through."""
+    conditional = getattr(config, "conditional", False)
+    classes = tf.constant(parse_classes(config.classes, config.dataset), tf.int32)
+    count = class_count(config)
+
+    def random_labels(n):
+        if not conditional:
+            return None
+        return tf.gather(classes, rng.uniform((n,), minval=0, maxval=len(classes), dtype=tf.int32))
+
+    def conditioned(x, labels):
+        return [x, tf.one_hot(labels, count)] if conditional else x
+
+    return random_labels, conditioned
+
+
 def load_dataset(config, split="train", limit=0):
     """The `config.dataset` split, kept to `config.classes`, then to the first `limit` images."""
     images, labels = DATASETS[config.dataset].load(split, config.data_dir)
@@ -693,19 +759,19 @@ def load_dataset(config, split="train", limit=0):
 
 
 def load_training_images(config, image_size=None, transform="none"):
-    """The training images for a run: the dataset's train split (its --classes, up to --limit), as
-    uint8 (N, S, S, C) at the model's size S (see `prepare_images`).
+    """The training set for a run: the dataset's train split (its --classes, up to --limit), as images
+    uint8 (N, S, S, C) at the model's size S (see `prepare_images`) and labels int32 (N,).
 
     Refuses a batch size larger than the data, as a flag error, before any model is built.
     """
-    images, _ = load_dataset(config, "train", config.limit)
+    images, labels = load_dataset(config, "train", config.limit)
     if config.batch_size > len(images):
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the {len(images)} training images")
     # Kept as uint8 at the model's size (a quarter of float32's memory, on the device too); each
     # step scales its batch to [-1, 1]. Converted in chunks, so the float copies stay small.
     size = image_size or images.shape[1]
     chunks = [to_uint8(prepare_images(images[i:i + 8192], size, transform)) for i in range(0, len(images), 8192)]
-    return np.concatenate(chunks)
+    return np.concatenate(chunks), labels.astype(np.int32)
 
 
 def cache_dir():
@@ -1109,10 +1175,11 @@ def make_optimizer(config, variables):
     return optimizer
 
 
-def compile_steps(train_step, images, config):
+def compile_steps(train_step, images, labels, config):
     """K training steps in one compiled call, each gathering its batch from the dataset on the device.
 
-    `images` is the uint8 training set (N, S, S, C); each batch is scaled to [-1, 1] in the call.
+    `images` is the uint8 training set (N, S, S, C); each batch is scaled to [-1, 1] in the call and
+    passed to `train_step(images, labels)` with its int32 labels (which an unconditional GAN ignores).
     The returned function takes (K, batch_size) image indices and returns (K, 4) float32 values of
     METRICS. Its signature leaves K open, so the shorter last call of an epoch does not retrace.
     """
@@ -1123,7 +1190,7 @@ def compile_steps(train_step, images, config):
         values = tf.TensorArray(tf.float32, size=count)
         for index in tf.range(count):
             batch = tf.cast(tf.gather(images, batch_indices[index]), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
-            step_values = train_step(batch)
+            step_values = train_step(batch, tf.gather(labels, batch_indices[index]))
             values = values.write(index, tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS]))
         return values.stack()
 
@@ -1158,9 +1225,16 @@ def epoch_batches(seed, epoch, count, steps, batch_size):
     return np.random.default_rng([seed, epoch]).permutation(count)[:steps * batch_size].reshape(steps, batch_size)
 
 
-def sample_images(generator, noise, batch_size=500):
-    """Run the generator in inference mode (batch norm on its moving statistics) over `noise`, in batches."""
-    outputs = [generator(noise[i:i + batch_size], training=False).numpy() for i in range(0, len(noise), batch_size)]
+def sample_images(generator, noise, labels=None, batch_size=500):
+    """Run the generator in inference mode (batch norm on its moving statistics) over `noise`, in batches.
+
+    A conditional generator (two inputs) also takes `labels`, as one-hot (N, classes) float vectors
+    (mixtures of two classes too, for morphing); an unconditional one ignores them.
+    """
+    conditional = len(generator.inputs) == 2
+    outputs = [generator([noise[i:i + batch_size], labels[i:i + batch_size]] if conditional
+                         else noise[i:i + batch_size], training=False).numpy()
+               for i in range(0, len(noise), batch_size)]
     return np.concatenate(outputs)
 
 
@@ -1173,10 +1247,26 @@ def _write_pictures(run, history, epochs_done, evaluator):
     save_gif(run.progress_gif, [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
 
 
-def train(config, run, images, build, transform="none"):
+def grid_inputs(config, noise):
+    """Noise and labels for a progress grid from `noise` (grid x grid vectors).
+
+    Unconditional: the grid x grid vectors, no labels. Conditional: one row per class in play and
+    one column per noise vector, the same vector down each column, so each frame shows every class
+    in the same styles. Returns (noise, one-hot labels or None, columns).
+    """
+    if not getattr(config, "conditional", False):
+        return noise, None, config.sample_grid
+    classes = parse_classes(config.classes, config.dataset)
+    columns = noise[:config.sample_grid]
+    rows = np.repeat(np.array(classes, np.int32), len(columns))
+    return np.tile(columns, (len(classes), 1)), one_hot(rows, config), len(columns)
+
+
+def train(config, run, data, build, transform="none"):
     """The epoch loop and its bookkeeping, shared by both scripts.
 
-    `build(config)` returns (train_step, state): `train_step(batch)` runs one D update and one G
+    `data` is (images, labels) from `load_training_images`.
+    `build(config)` returns (train_step, state): `train_step(images, labels)` runs one D update and one G
     update and returns the batch's d_loss, g_loss and mean D(x), D(G(z)); `state` names everything
     a checkpoint must hold to go on: the models (`generator`, `discriminator`), their optimizers and
     the noise generator (`noise_rng`). Steps run `config.steps_per_call` at a time in one compiled
@@ -1198,6 +1288,7 @@ def train(config, run, images, build, transform="none"):
     print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}; precision "
           f"{config.precision}, XLA {'on' if config.xla else 'off'}, {config.steps_per_call} steps per call")
     train_step, state = build_for_training(config, build)
+    images, labels = data
     generator = state["generator"]
     grid_size = config.sample_grid
     steps = len(images) // config.batch_size
@@ -1234,7 +1325,8 @@ def train(config, run, images, build, transform="none"):
     save_png(run.real_samples, image_grid(images[:grid_size * grid_size], grid_size))
     writer = tf.summary.create_file_writer(str(run.tensorboard))
     images = tf.constant(images)  # Once, on the device; each step gathers its batch from it.
-    train_steps = compile_steps(train_step, images, config)
+    train_steps = compile_steps(train_step, images, tf.constant(labels), config)
+    grid_noise, grid_labels, grid_columns = grid_inputs(config, fixed_noise)
     status = _StatusLine(config.epochs)
     where = f"resuming after epoch {epochs_done}" + (f", step {skip}" if skip else "") if config.resume else "from scratch"
     print(f"Training {config.script} for {config.epochs} epochs of {steps} steps (batch {config.batch_size}, "
@@ -1292,7 +1384,7 @@ def train(config, run, images, build, transform="none"):
 
             # Everything a user looks at between epochs: the grid, the plots, the history, the
             # generator; then the checkpoint, last, so that it never runs ahead of them.
-            grid = image_grid(sample_images(generator, fixed_noise), grid_size)
+            grid = image_grid(sample_images(generator, grid_noise, grid_labels), grid_columns)
             save_png(run.epoch_grid(epoch), grid)
             with writer.as_default(step=epoch * steps):
                 for key in METRICS:
@@ -1300,8 +1392,7 @@ def train(config, run, images, build, transform="none"):
                 tf.summary.scalar("epoch/seconds", seconds)
                 tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
             if evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
-                figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform,
-                                             DATASETS[config.dataset].shape[0])
+                figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform, config)
                 history["evaluations"].append({"epoch": epoch, **figures})
                 with writer.as_default(step=epoch * steps):
                     for key in evaluation.FIGURES:
@@ -1320,7 +1411,8 @@ def train(config, run, images, build, transform="none"):
                 raise _interrupted(stop.signal, config, run, f"the end of epoch {epoch}")
 
     random_noise = np.random.default_rng(config.seed + 1).standard_normal((grid_size * grid_size, config.latent_dim))
-    save_png(run.random_samples, image_grid(sample_images(generator, random_noise.astype(np.float32)), grid_size))
+    random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))
+    save_png(run.random_samples, image_grid(sample_images(generator, random_noise, random_labels), columns))
     writer.close()
     total = history["total_seconds"]
     print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
@@ -1349,7 +1441,9 @@ def forward_flops(model):
     """
     total = 0
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Dense):
+        if isinstance(layer, keras.Model):  # A conditional model wraps its body.
+            total += forward_flops(layer)
+        elif isinstance(layer, keras.layers.Dense):
             total += 2 * layer.input.shape[-1] * layer.units
         elif isinstance(layer, keras.layers.Conv2DTranspose):
             k_h, k_w = layer.kernel_size
@@ -1412,11 +1506,12 @@ def _peak_memory_mb():
     return host, device
 
 
-def _time_training(config, images, build, min_seconds=6.0, min_steps=2):
+def _time_training(config, data, build, min_seconds=6.0, min_steps=2):
     """Steady-state seconds per step (and peak memory) of the training step under `config`'s settings."""
     _reset_peak_memory()
+    images, labels = data
     train_step, state = build_for_training(config, build)
-    train_steps = compile_steps(train_step, images, config)
+    train_steps = compile_steps(train_step, images, labels, config)
     rng = np.random.default_rng(0)
     calls = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
              for _ in range(4)]
@@ -1436,18 +1531,19 @@ def _time_training(config, images, build, min_seconds=6.0, min_steps=2):
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device}
 
 
-def benchmark(config, images, build, min_seconds=6.0):
+def benchmark(config, data, build, min_seconds=6.0):
     """Time training steps at steady state and print them against the matmul peak and a plain fp32 step.
 
     Rows: a plain fp32 step (one step per call, no XLA), the chosen settings, and the chosen
     settings at each of `config.batch_sizes`. Every figure is measured in this run.
     """
+    images, labels = data
     devices = [d.name for d in tf.config.list_physical_devices("GPU")] or ["CPU"]
     print(f"Benchmark of {config.script}"
           + (f" --arch {config.arch}" if hasattr(config, "arch") else "")
           + f" on {', '.join(devices)} ({os.cpu_count()} CPU cores), TensorFlow {tf.__version__}; "
-            f"real MNIST batches from {len(images)} images")
-    images = tf.constant(images)
+            f"real {config.dataset} batches from {len(images)} images")
+    data = (tf.constant(images), tf.constant(labels))
     plain = SimpleNamespace(**{**vars(config), "precision": "fp32", "xla": False, "steps_per_call": 1})
     settings = [("plain fp32 step", plain), ("chosen settings", config)]
     for batch_size in config.batch_sizes or []:
@@ -1458,7 +1554,7 @@ def benchmark(config, images, build, min_seconds=6.0):
         if setting.batch_size > len(images):
             print(f"  (skipping batch {setting.batch_size}: larger than the {len(images)} images)")
             continue
-        result = _time_training(setting, images, build, min_seconds)
+        result = _time_training(setting, data, build, min_seconds)
         if setting.precision not in peaks:
             peaks[setting.precision] = matmul_peak(setting.precision)
         rows.append((label, setting, result))
@@ -1494,13 +1590,27 @@ def _interrupted(signum, config, run, where):
         f"the GIF so far. Resume with: python {config.script}.py --out {run.path} --resume", 128 + signum)
 
 
-def evaluate_generator(evaluator, generator, count, seed, transform, native_size=28):
-    """Score `count` samples of `generator` from noise fixed by `seed`, in the dataset's own uint8 form."""
+def evaluate_generator(evaluator, generator, count, seed, transform, config):
+    """Score `count` samples of `generator` from noise fixed by `seed`, in the dataset's own uint8 form.
+
+    A conditional generator is asked for balanced labels over the classes in play, and the figures
+    add how often the classifier recognises the requested label (`label_accuracy`, per class too).
+    """
     start = time.perf_counter()
-    latent_dim = generator.input_shape[-1]
+    latent_dim = _latent_dim(generator)
     # Its own noise stream (seed + 2), the same at every evaluation, so epochs compare.
     noise = np.random.default_rng(seed + 2).standard_normal((count, latent_dim)).astype(np.float32)
-    figures = evaluator.evaluate(to_dataset_uint8(sample_images(generator, noise), transform, native_size))
+    requested = balanced_labels(count, config)
+    samples = to_dataset_uint8(sample_images(generator, noise, one_hot(requested, config)), transform,
+                               DATASETS[config.dataset].shape[0])
+    figures = evaluator.evaluate(samples)
+    if len(generator.inputs) == 2:
+        _, probabilities = evaluator.features_and_probabilities(samples)
+        correct = probabilities.argmax(axis=1) == requested
+        figures["label_accuracy"] = float(correct.mean())
+        figures["label_accuracy_per_class"] = {
+            DATASETS[config.dataset].classes[c]: round(float(correct[requested == c].mean()), 4)
+            for c in sorted(set(requested.tolist()))}
     figures["seconds"] = round(time.perf_counter() - start, 2)
     return figures
 
@@ -1547,39 +1657,88 @@ def load_trained_generator(run):
     saved.setdefault("transform", "none")
     saved.setdefault("dataset", "mnist")
     saved.setdefault("classes", "")
-    return generator, saved
+    saved.setdefault("conditional", False)
+    return generator, SimpleNamespace(**saved)
+
+
+def _latent_dim(generator):
+    return generator.input_shape[0][-1] if len(generator.inputs) == 2 else generator.input_shape[-1]
 
 
 def evaluate_run(config, run):
     """Score a trained run's generator on `config.num_samples` samples; print and save the figures."""
     generator, saved = load_trained_generator(run)
-    evaluator = load_evaluator(saved["dataset"], config.data_dir, saved["classes"])
-    figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved["transform"],
-                                 DATASETS[saved["dataset"]].shape[0])
+    evaluator = load_evaluator(saved.dataset, config.data_dir, saved.classes)
+    figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved.transform, saved)
     save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
                                "classifier_test_accuracy": evaluator.test_accuracy})
     print(f"Sample quality of {run.generator} ({figures['samples']} samples, seed {config.seed}; "
-          f"{saved['dataset']} classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
+          f"{saved.dataset} classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
     print(evaluation.format_figures(figures, evaluator.floor))
     print(f"Wrote {run.evaluation}")
     return figures
 
 
 def generate_or_evaluate(config, run):
-    """Serve --generate or --evaluate from the trained run in `run`; True if one of them was asked for."""
+    """Serve --generate, --interpolate or --evaluate from the trained run in `run`; True if one was asked for."""
     if config.generate:
         generate(config, run)
-    elif config.evaluate:
+    if config.interpolate:
+        interpolate(config, run)
+    if config.evaluate:
         evaluate_run(config, run)
-    return bool(config.generate or config.evaluate)
+    return bool(config.generate or config.evaluate or config.interpolate)
 
 
-def benchmark_or_train(config, run, images, build, transform="none"):
+def benchmark_or_train(config, run, data, build, transform="none"):
     """With --benchmark, time the training step; else create the run directory and train (see `train`)."""
     if config.benchmark:
-        return benchmark(config, images, build)
+        return benchmark(config, data, build)
     run.create(config.overwrite)
-    return train(config, run, images, build, transform)
+    return train(config, run, data, build, transform)
+
+
+def _requested_labels(config, saved, count):
+    """--label L for every sample, else labels balanced over the run's classes; checked against the run."""
+    if config.label is None:
+        return balanced_labels(count, saved)
+    classes = parse_classes(saved.classes, saved.dataset)
+    if config.label not in classes:
+        raise UsageError(f"argument --label: {config.label} is not a class this run was trained on "
+                         f"({', '.join(map(str, classes))})")
+    return np.full(count, config.label, np.int32)
+
+
+def interpolate(config, run, frames=48, points=4):
+    """Write interpolation.gif: a smooth walk through latent space between `points` random points.
+
+    For a conditional run, a second half morphs through the classes with the noise held fixed.
+    """
+    generator, saved = load_trained_generator(run)
+    rng = np.random.default_rng(config.seed)
+    columns = config.sample_grid
+    anchors = rng.standard_normal((points + 1, columns, _latent_dim(generator))).astype(np.float32)
+    anchors[-1] = anchors[0]  # Back to the start, so the GIF loops smoothly.
+    steps = np.linspace(0, points, frames, endpoint=False)
+    labels = one_hot(_requested_labels(config, saved, columns), saved)
+    pictures = []
+    for t in steps:
+        low, fraction = int(t), t - int(t)
+        weight = (1 - np.cos(np.pi * fraction)) / 2  # Eased: slow at each anchor.
+        noise = (1 - weight) * anchors[low] + weight * anchors[low + 1]
+        pictures.append(image_grid(sample_images(generator, noise, labels), columns))
+    if len(generator.inputs) == 2:
+        classes = parse_classes(saved.classes, saved.dataset)
+        eye = one_hot(classes + classes[:1], saved)
+        for t in np.linspace(0, len(classes), frames, endpoint=False):
+            low, fraction = int(t), t - int(t)
+            mixed = (1 - fraction) * eye[low] + fraction * eye[low + 1]
+            pictures.append(image_grid(sample_images(generator, anchors[0], np.tile(mixed, (columns, 1))), columns))
+    path = run.path / "interpolation.gif"
+    with atomic_path(path) as temporary:
+        iio.imwrite(temporary, np.stack(pictures), extension=".gif", duration=80, loop=0)
+    print(f"Wrote {path} ({len(pictures)} frames)")
+    return path
 
 
 def generate(config, run):
@@ -1590,14 +1749,15 @@ def generate(config, run):
     presets' outputs are cropped or resized back to 28x28).
     """
     generator, saved = load_trained_generator(run)
-    latent_dim = generator.input_shape[-1]
-    noise = np.random.default_rng(config.seed).standard_normal((config.generate, latent_dim)).astype(np.float32)
-    samples = sample_images(generator, noise)
+    noise = np.random.default_rng(config.seed).standard_normal((config.generate, _latent_dim(generator)))
+    labels = _requested_labels(config, saved, config.generate)
+    samples = sample_images(generator, noise.astype(np.float32), one_hot(labels, saved))
     save_png(run.generated, image_grid(samples))
-    print(f"Wrote {config.generate} samples to {run.generated}")
+    print(f"Wrote {config.generate} samples to {run.generated}"
+          + (f" (labels: {config.label if config.label is not None else 'balanced'})" if saved.conditional else ""))
     if config.samples_npz:
         destination = Path(config.samples_npz)
-        native = to_dataset_uint8(samples, saved["transform"], DATASETS[saved["dataset"]].shape[0])
+        native = to_dataset_uint8(samples, saved.transform, DATASETS[saved.dataset].shape[0])
         try:
             with atomic_path(destination) as temporary, open(temporary, "wb") as handle:
                 np.savez_compressed(handle, images=native)

@@ -40,7 +40,7 @@ def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, 
     assert isinstance(state["d_optimizer"], keras.optimizers.LossScaleOptimizer) == scaled
     images = generator(np.zeros((4, config.latent_dim), np.float32), training=False)
     assert images.dtype == "float32" and discriminator(images).dtype == "float32"
-    values = utils.tf.function(train_step)(utils.tf.random.uniform((8, 28, 28, 1), -1, 1))
+    values = utils.tf.function(train_step)(utils.tf.random.uniform((8, 28, 28, 1), -1, 1), utils.tf.zeros((8,), "int32"))
     assert all(v.dtype == "float32" and np.isfinite(v.numpy()) for v in values.values())
 
 
@@ -53,7 +53,7 @@ def test_fp16_with_loss_scaling_and_xla_train_end_to_end_on_the_cpu(tmp_path, mn
     assert len(history["iterations"]["d_loss"]) == 4 and np.isfinite(history["iterations"]["g_loss"]).all()
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["precision"], config["xla"], config["steps_per_call"]) == ("fp16", True, 2)
-    samples = utils.generate(SimpleNamespace(generate=9, seed=0, samples_npz=None), utils.RunDirectory(run_dir))
+    samples = utils.generate(SimpleNamespace(generate=9, seed=0, samples_npz=None, label=None), utils.RunDirectory(run_dir))
     assert samples.dtype == np.float32 and np.isfinite(samples).all()
 
 
