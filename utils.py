@@ -1,19 +1,25 @@
-"""What gan_mnist.py and dcgan_mnist.py share: configuration, MNIST, images and the run's bookkeeping.
+"""What gan_mnist.py and dcgan_mnist.py share: configuration, data, images and the run's bookkeeping.
 
 The two training scripts hold the GAN itself (models, losses, the D and G updates); everything
 around it lives here once:
 
 - configuration: the scripts' blocks of hyperparameter constants become command-line flags
   (`parse_config`), checked before anything is built;
-- data: MNIST from IDX files or Keras's `mnist.npz`, found or downloaded and verified
-  (`load_mnist`), and the presets' resizing to and from 28x28 (`prepare_images`, `to_mnist_uint8`);
-- pictures: image grids, GIFs and the loss plot (`image_grid`, `save_png`, `save_gif`,
-  `plot_history`);
-- the run: its directory, history and TensorBoard events (`RunDirectory`), the epoch loop
-  (`train`) and sampling from a trained run (`generate`).
+- data: MNIST and Fashion-MNIST from IDX files (or Keras's `mnist.npz`), CIFAR-10 from its python
+  batches through a restricted unpickler, each found or downloaded and verified (`load_dataset`),
+  `--classes` subsets, and the presets' resizing to and from the native size (`prepare_images`,
+  `to_dataset_uint8`);
+- models: conditioning on a label (`assemble`, `label_helpers`), precision policies and optimizers
+  (`set_precision`, `make_optimizer`), and K training steps in one compiled call (`compile_steps`);
+- pictures: image grids, GIFs and the loss and metric plots (`image_grid`, `save_png`, `save_gif`,
+  `plot_history`, `plot_metrics`);
+- the run: its directory, checkpoints, history and TensorBoard events (`RunDirectory`, `train`),
+  the benchmark (`benchmark`), and sampling and scoring a trained run (`generate`, `interpolate`,
+  `evaluate_run`; the figures themselves are in evaluation.py).
 
-Every user-facing failure raises `UsageError` (a bad flag: exit status 2) or `DataError` (a bad
-file or directory: exit status 1); `run_main` turns them into one line on stderr.
+Every user-facing failure raises `UsageError` (a bad flag: exit status 2), `DataError` (a bad
+file or directory: exit status 1) or `TrainingStopped` (a signal or a diverged loss); `run_main`
+turns them into one line on stderr.
 """
 
 import argparse
