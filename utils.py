@@ -497,17 +497,8 @@ def download_idx(name, directory, split="train"):
     return _idx_files_in(directory, split)
 
 
-def download_mnist(directory, split="train"):
-    """Download one MNIST split's two gzip files into `directory`, verified; nothing is left on failure."""
-    return download_idx("mnist", directory, split)
-
-
 def _keras_datasets():
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
-
-
-def _keras_cache():
-    return _keras_datasets() / "mnist.npz"
 
 
 def load_idx_dataset(name, split="train", data_dir=None, limit=0, download=True):
