@@ -29,7 +29,8 @@ def generator_weights(run_dir):
     return keras.saving.load_model(run_dir / "generator.keras", compile=False).get_weights()
 
 
-@pytest.mark.parametrize("module, extra", [(gan_mnist, []), (dcgan_mnist, ["--limit", "96", "--batch-size", "32"])])
+@pytest.mark.parametrize("module, extra", [(gan_mnist, []), (dcgan_mnist, ["--limit", "96", "--batch-size", "32"]),
+                                           (dcgan_mnist, ["--limit", "96", "--batch-size", "32", "--conditional"])])
 def test_resumed_run_equals_a_straight_run_exactly(tmp_path, mnist_dir, module, extra):
     flags = QUICK + extra + ["--data-dir", str(mnist_dir)]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
