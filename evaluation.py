@@ -130,8 +130,12 @@ class Evaluator:
             probabilities.append(tf.nn.softmax(logits).numpy().astype(np.float64))
         return np.concatenate(features), np.concatenate(probabilities)
 
-    def evaluate(self, images):
-        """All the figures for one set of uint8 digits (N, 28, 28), as a dict of floats."""
+    def evaluate(self, images, requested=None, class_names=None):
+        """All the figures for one set of uint8 images, as a dict of floats.
+
+        With `requested` (the labels a conditional generator was asked for), also how often the
+        classifier recognises them: `label_accuracy`, and per class (keyed by `class_names`).
+        """
         features, probabilities = self.features_and_probabilities(images)
         mean, cov = feature_statistics(features)
         figures = {"fid": frechet_distance(mean, cov, self.reference_mean, self.reference_cov),
@@ -139,6 +143,13 @@ class Evaluator:
         figures.update(mode_coverage(probabilities, self.classes))
         figures["confidence"] = float(probabilities.max(axis=1).mean())
         figures["samples"] = len(features)
+        if requested is not None:
+            requested = np.asarray(requested)
+            correct = probabilities.argmax(axis=1) == requested
+            names = class_names or [str(c) for c in range(CLASSES)]
+            figures["label_accuracy"] = float(correct.mean())
+            figures["label_accuracy_per_class"] = {names[c]: round(float(correct[requested == c].mean()), 4)
+                                                   for c in sorted(set(requested.tolist()))}
         return figures
 
     @classmethod

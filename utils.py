@@ -939,19 +939,28 @@ def plot_history(path, history):
     epochs = history["epochs"]
     if not steps or not epochs:
         return
-    steps_per_epoch = steps / len(epochs)
-    x = (np.arange(steps) + 1) / steps_per_epoch
+    # Steps per epoch from the complete epochs (an interrupted run also holds part of the next).
+    steps_per_epoch = (steps - history.get("partial_epoch", {}).get("step", 0)) / len(epochs)
+    # At most ~4,000 points a curve: the mean of each bin of iterations. A long run has 60,000
+    # iterations, which took matplotlib 2 s to draw after every epoch and drew only a blur.
+    width = max(1, math.ceil(steps / 4000))
+    used = steps - steps % width or steps
+    x = (np.arange(used).reshape(-1, width).mean(axis=1) + 1) / steps_per_epoch
+
+    def binned(key):
+        return np.asarray(iterations[key][:used], np.float64).reshape(-1, width).mean(axis=1)
+
     x_epoch = [e["epoch"] - 0.5 for e in epochs]  # An epoch's mean belongs to its middle.
     style = "o-" if len(epochs) <= 30 else "-"
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for key, label, colour in (("d_loss", "D loss", "tab:blue"), ("g_loss", "G loss", "tab:orange")):
-        top.plot(x, iterations[key], color=colour, alpha=0.25, linewidth=0.6)
+        top.plot(x, binned(key), color=colour, alpha=0.25, linewidth=0.6)
         top.plot(x_epoch, [e[key] for e in epochs], style, color=colour, label=f"{label} (epoch mean)")
     top.set_ylabel("loss")
     top.legend()
     top.grid(alpha=0.3)
     for key, label, colour in (("d_real", "D(x)", "tab:green"), ("d_fake", "D(G(z))", "tab:red")):
-        bottom.plot(x, iterations[key], color=colour, alpha=0.25, linewidth=0.6)
+        bottom.plot(x, binned(key), color=colour, alpha=0.25, linewidth=0.6)
         bottom.plot(x_epoch, [e[key] for e in epochs], style, color=colour, label=f"mean {label}")
     bottom.set_ylabel("discriminator output")
     bottom.set_ylim(0, 1)
@@ -1235,13 +1244,19 @@ def sample_images(generator, noise, labels=None, batch_size=500):
     return np.concatenate(outputs)
 
 
-def _write_pictures(run, history, epochs_done, evaluator):
-    """The history, the loss and metric plots, and the GIF of every epoch grid so far."""
+def _write_pictures(run, history, epochs_done, evaluator, gif=False):
+    """The history and the loss and metric plots; with `gif`, the GIF of every epoch grid so far.
+
+    The GIF re-reads every grid, so it is made when training stops (at the end, or interrupted),
+    not after every epoch; a resumed run rebuilds it from all the grids.
+    """
     save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
     plot_history(run.loss_plot, history)
     if evaluator and history["evaluations"]:
         plot_metrics(run.metrics_plot, history["evaluations"], evaluator.floor)
-    save_gif(run.progress_gif, [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
+    if gif:
+        save_gif(run.progress_gif,
+                 [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
 
 
 def grid_inputs(config, noise):
@@ -1369,7 +1384,7 @@ def train(config, run, data, build, transform="none"):
                     history["partial_epoch"] = {"epoch": epoch, "step": step, "seconds": round(elapsed, 3)}
                     history["total_seconds"] = round(time.perf_counter() - session_start, 3)
                     save_checkpoint(epoch - 1, step)
-                    _write_pictures(run, history, epoch - 1, evaluator)
+                    _write_pictures(run, history, epoch - 1, evaluator, gif=True)
                     writer.close()
                     raise _interrupted(stop.signal, config, run, f"epoch {epoch}, step {step}/{steps}")
             seconds = time.perf_counter() - epoch_start
@@ -1401,7 +1416,7 @@ def train(config, run, data, build, transform="none"):
             history["total_seconds"] = round(time.perf_counter() - session_start, 3)
             with atomic_path(run.generator) as temporary:
                 generator.save(temporary)
-            _write_pictures(run, history, epoch, evaluator)
+            _write_pictures(run, history, epoch, evaluator, gif=stop.signal is not None or epoch == config.epochs)
             save_checkpoint(epoch, 0)
             if stop.signal and epoch < config.epochs:
                 writer.close()
@@ -1600,14 +1615,8 @@ def evaluate_generator(evaluator, generator, count, seed, transform, config):
     requested = balanced_labels(count, config)
     samples = to_dataset_uint8(sample_images(generator, noise, one_hot(requested, config)), transform,
                                DATASETS[config.dataset].shape[0])
-    figures = evaluator.evaluate(samples)
-    if len(generator.inputs) == 2:
-        _, probabilities = evaluator.features_and_probabilities(samples)
-        correct = probabilities.argmax(axis=1) == requested
-        figures["label_accuracy"] = float(correct.mean())
-        figures["label_accuracy_per_class"] = {
-            DATASETS[config.dataset].classes[c]: round(float(correct[requested == c].mean()), 4)
-            for c in sorted(set(requested.tolist()))}
+    conditional = len(generator.inputs) == 2
+    figures = evaluator.evaluate(samples, requested if conditional else None, DATASETS[config.dataset].classes)
     figures["seconds"] = round(time.perf_counter() - start, 2)
     return figures
 
