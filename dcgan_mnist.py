@@ -8,6 +8,7 @@ The DCGAN guidelines, as built here: G upsamples with transposed (fractionally s
 convolutions, D downsamples with strided convolutions, no pooling; batch norm in every layer except
 G's output and D's input; ReLU in G with a tanh output, LeakyReLU(0.2) in D; Adam 2e-4, beta1 0.5;
 weights drawn from N(0, 0.02). Three presets (--arch) set the resolution and the layer widths.
+Samples come from an exponential moving average of G's weights (--ema; --ema 0 is Radford's recipe).
 """
 
 import utils  # First: it loads TensorFlow with its start-up chatter muted.
@@ -35,6 +36,13 @@ CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be 
 # Optimisation
 LR = 2e-4  # Adam learning rate for both networks (Radford et al.)
 BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscillate
+# Sample quality (the levers studied in results/README.md; the seed recipe is --ema 0)
+EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
+LOSS = "ns"  # ns: non-saturating cross-entropy; hinge; ls: least squares (LSGAN)
+LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
+D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
+SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
+R1 = 0.0  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
@@ -131,27 +139,6 @@ def build_discriminator(config, preset):
 
 
 # ------------------------------------------------------------------------------------------------
-# The losses: binary cross-entropy on logits
-# ------------------------------------------------------------------------------------------------
-
-
-def cross_entropy(logits, target):
-    """Mean binary cross-entropy of sigmoid(logits) against a constant target (1: real, 0: fake)."""
-    labels = tf.fill(tf.shape(logits), target)
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-
-
-def discriminator_loss(real_logits, fake_logits):
-    """-[log D(x) + log(1 - D(G(z)))]: D is rewarded for calling real images real and fakes fake."""
-    return cross_entropy(real_logits, 1.0) + cross_entropy(fake_logits, 0.0)
-
-
-def generator_loss(fake_logits):
-    """-log D(G(z)): the non-saturating generator loss, strong gradients even while D wins."""
-    return cross_entropy(fake_logits, 1.0)
-
-
-# ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 
@@ -165,7 +152,9 @@ def build_training(config, preset):
     generator = build_generator(config, preset)
     discriminator = build_discriminator(config, preset)
     g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
-    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables)
+    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
+    # --loss: ns (cross-entropy), hinge or ls (least squares); utils.gan_losses states each objective.
+    discriminator_loss, generator_loss = utils.gan_losses(config)
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
     random_labels, conditioned = utils.label_helpers(config, noise_rng)
@@ -173,18 +162,19 @@ def build_training(config, preset):
     def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
 
-        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))
+        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))   (--loss ns; hinge and ls: see utils)
+        #           [ - R1/2 * E||grad_x D(x, y)||^2 with --r1 ]
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits = discriminator(conditioned(real_images, real_labels), training=True)
+            real_logits, penalty = utils.logits_and_r1(discriminator, conditioned(real_images, real_labels), config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
-            scaled_loss = d_optimizer.scale_loss(d_loss)  # Multiplied by the loss scale under fp16, else as is.
+            scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
-        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated
+        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated (--loss ns)
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)

@@ -4,7 +4,8 @@
     python gan_mnist.py --generate 100 --samples-npz s.npz   # sample the trained run
 
 G maps z ~ N(0, I) through dense layers to a 28x28 image in [-1, 1]; D maps an image through dense
-layers to one logit. Both are trained with the non-saturating loss (binary cross-entropy on logits).
+layers to one logit. Both are trained with the non-saturating loss (binary cross-entropy on logits);
+samples come from an exponential moving average of G's weights (--ema; --ema 0 is the seed recipe).
 """
 
 import utils  # First: it loads TensorFlow with its start-up chatter muted.
@@ -30,6 +31,13 @@ DROPOUT = 0.3  # dropout after each hidden layer of D, so D cannot memorise the 
 # Optimisation
 LR = 2e-4  # Adam learning rate for both networks (Radford et al. 2015)
 BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
+# Sample quality (the levers studied in results/README.md; the seed recipe is --ema 0)
+EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
+LOSS = "ns"  # ns: non-saturating cross-entropy; hinge; ls: least squares (LSGAN)
+LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
+D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
+SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
+R1 = 0.0  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
@@ -79,27 +87,6 @@ def build_discriminator(config):
 
 
 # ------------------------------------------------------------------------------------------------
-# The losses: binary cross-entropy on logits
-# ------------------------------------------------------------------------------------------------
-
-
-def cross_entropy(logits, target):
-    """Mean binary cross-entropy of sigmoid(logits) against a constant target (1: real, 0: fake)."""
-    labels = tf.fill(tf.shape(logits), target)
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-
-
-def discriminator_loss(real_logits, fake_logits):
-    """-[log D(x) + log(1 - D(G(z)))]: D is rewarded for calling real images real and fakes fake."""
-    return cross_entropy(real_logits, 1.0) + cross_entropy(fake_logits, 0.0)
-
-
-def generator_loss(fake_logits):
-    """-log D(G(z)): the non-saturating generator loss, strong gradients even while D wins."""
-    return cross_entropy(fake_logits, 1.0)
-
-
-# ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 
@@ -113,7 +100,9 @@ def build_training(config):
     generator = build_generator(config)
     discriminator = build_discriminator(config)
     g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
-    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables)
+    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
+    # --loss: ns (cross-entropy), hinge or ls (least squares); utils.gan_losses states each objective.
+    discriminator_loss, generator_loss = utils.gan_losses(config)
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
     random_labels, conditioned = utils.label_helpers(config, noise_rng)
@@ -121,18 +110,19 @@ def build_training(config):
     def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
 
-        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))
+        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))   (--loss ns; hinge and ls: see utils)
+        #           [ - R1/2 * E||grad_x D(x, y)||^2 with --r1 ]
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits = discriminator(conditioned(real_images, real_labels), training=True)
+            real_logits, penalty = utils.logits_and_r1(discriminator, conditioned(real_images, real_labels), config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
-            scaled_loss = d_optimizer.scale_loss(d_loss)  # Multiplied by the loss scale under fp16, else as is.
+            scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
-        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated
+        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated (--loss ns)
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)

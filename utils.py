@@ -135,6 +135,11 @@ _CHECKS = {
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "leaky_slope": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "ema": (lambda v: 0 <= v < 1, "must be in [0, 1) (0: no average)"),
+    "loss": (lambda v: v in ("ns", "hinge", "ls"), "must be ns, hinge or ls"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    "d_lr_scale": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
+    "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
 }
 
 
@@ -286,6 +291,9 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
                 raise UsageError(f"argument {_flag(key)}: {requirement}, got {value}")
     if "classes" in names and "dataset" in names and config.dataset in DATASETS:
         parse_classes(config.classes, config.dataset)  # Refuses an unknown class now, before any data is read.
+    if getattr(config, "label_smoothing", 0) and config.loss == "hinge":
+        raise UsageError(f"argument --label-smoothing: applies to the ns and ls losses, not to --loss hinge "
+                         f"(got {config.label_smoothing})")
     if config.limit and config.batch_size > config.limit:
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the "
                          f"{config.limit} training images of --limit {config.limit}")
@@ -706,6 +714,7 @@ def balanced_labels(count, config):
 def assemble(layers, input_shape, config, name, flatten=False):
     """A model applying `layers` to an input of `input_shape`; with --conditional it also takes a label.
 
+    With --spectral-norm, D's Dense and Conv2D layers are spectrally normalised.
     The label (one-hot, (N, classes)) joins the input: concatenated to a vector (z, or the image
     once flattened with `flatten`), or to an image as one constant plane per class stacked on its
     channels. Built from Keras layers only, so a saved model loads in safe mode.
@@ -722,6 +731,12 @@ def assemble(layers, input_shape, config, name, flatten=False):
             x = keras.layers.Concatenate()([x, planes])                            # (N, H, W, C + classes)
         inputs = [inputs, label]
     for layer in layers:
+        if name == "discriminator" and getattr(config, "spectral_norm", False) and isinstance(
+                layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            # --spectral-norm: each weight layer of D divided by its largest singular value (one
+            # power iteration per step), so D is 1-Lipschitz per layer. The wrapper keeps the
+            # layer's precision (the float32 logit stays float32).
+            layer = keras.layers.SpectralNormalization(layer, dtype=layer.dtype_policy)
         x = layer(x)
     return keras.Model(inputs, x, name=name)
 
@@ -1168,17 +1183,132 @@ def set_precision(precision):
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
 
 
-def make_optimizer(config, variables):
-    """Adam(lr, beta1) for `variables`, built now (eagerly, before any traced step creates slots).
+def make_optimizer(config, variables, lr_scale=1.0):
+    """Adam(lr * lr_scale, beta1) for `variables`, built now (eagerly, before any traced step creates slots).
 
     Under fp16 it is wrapped in a LossScaleOptimizer, so that small gradients do not underflow: a
     step computes `tape.gradient(optimizer.scale_loss(loss), ...)`, which is the plain loss otherwise.
     """
-    optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1)
+    optimizer = keras.optimizers.Adam(config.lr * lr_scale, beta_1=config.beta1)
     if config.precision == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
     return optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The GAN losses (--loss) and the R1 penalty (--r1), on D's logits
+# ---------------------------------------------------------------------------------------------
+
+
+def _cross_entropy(logits, target):
+    """Mean binary cross-entropy of sigmoid(logits) against a constant target (1: real, 0: fake)."""
+    labels = tf.fill(tf.shape(logits), tf.constant(target, logits.dtype))
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def gan_losses(config):
+    """(discriminator_loss(real_logits, fake_logits), generator_loss(fake_logits)) for `config.loss`.
+
+    ns (Goodfellow et al. 2014, the seeds' loss), with D(x) = sigmoid(logit):
+        D minimises -[log D(x) + log(1 - D(G(z)))], G minimises -log D(G(z)) (non-saturating).
+    hinge (Lim & Ye 2017; Miyato et al. 2018), on the logit l:
+        D minimises E[max(0, 1 - l(x))] + E[max(0, 1 + l(G(z)))], G minimises -E[l(G(z))].
+    ls (least squares, Mao et al. 2017), on the logit l:
+        D minimises 1/2 E[(l(x) - 1)^2] + 1/2 E[l(G(z))^2], G minimises 1/2 E[(l(G(z)) - 1)^2].
+    With --label-smoothing s (ns and ls), D's target for real images is 1 - s (one-sided: fakes stay 0).
+    """
+    real_target = 1.0 - getattr(config, "label_smoothing", 0.0)
+    if config.loss == "hinge":
+        def discriminator_loss(real_logits, fake_logits):
+            return tf.reduce_mean(tf.nn.relu(1.0 - real_logits)) + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))
+
+        def generator_loss(fake_logits):
+            return -tf.reduce_mean(fake_logits)
+    elif config.loss == "ls":
+        def discriminator_loss(real_logits, fake_logits):
+            return 0.5 * tf.reduce_mean(tf.square(real_logits - real_target)) + 0.5 * tf.reduce_mean(tf.square(fake_logits))
+
+        def generator_loss(fake_logits):
+            return 0.5 * tf.reduce_mean(tf.square(fake_logits - 1.0))
+    else:
+        def discriminator_loss(real_logits, fake_logits):
+            return _cross_entropy(real_logits, real_target) + _cross_entropy(fake_logits, 0.0)
+
+        def generator_loss(fake_logits):
+            return _cross_entropy(fake_logits, 1.0)
+    return discriminator_loss, generator_loss
+
+
+def logits_and_r1(discriminator, inputs, gamma):
+    """D's logits on real `inputs` and the R1 penalty gamma/2 * E||grad_x l(x)||^2 (Mescheder et al. 2018).
+
+    `inputs` is the image batch, or [images, one-hot labels] for a conditional D (the gradient is
+    taken with respect to the images only). With gamma 0 the penalty is 0 and costs nothing.
+    """
+    if not gamma:
+        return discriminator(inputs, training=True), 0.0
+    images = inputs[0] if isinstance(inputs, list) else inputs
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        logits = discriminator(inputs, training=True)
+        total = tf.reduce_sum(logits)  # Inside the tape: the gradient's target must be recorded too.
+    gradients = tf.cast(tape.gradient(total, images), tf.float32)
+    squared_norms = tf.reduce_sum(tf.square(tf.reshape(gradients, (tf.shape(gradients)[0], -1))), axis=1)
+    return logits, 0.5 * gamma * tf.reduce_mean(squared_norms)
+
+
+class AveragedGenerator:
+    """An exponential moving average of G's weights (--ema), the generator that draws every sample.
+
+    Averaging the weights of the last ~1/(1 - decay) steps smooths away the step-to-step wobble of
+    the adversarial game (Yazici et al. 2019; Karras et al. 2018). The decay is warmed up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so early epochs are not dominated by the
+    random initial weights. Batch-norm statistics are not averaged: they belong to the raw
+    weights, so before sampling, `refresh()` recomputes them for the averaged weights from fixed
+    noise (BigGAN's "standing statistics"): the mean of the per-batch statistics of a few batches.
+    The training noise stream is untouched, so the same run shows the raw generator's figures
+    beside the average's.
+    """
+
+    def __init__(self, generator, decay, refresh_inputs):
+        self.decay = decay
+        self.source = generator
+        self.model = keras.models.clone_model(generator)
+        self.model.set_weights(generator.get_weights())
+        self.batch_norms = [layer for layer in self.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        self.refresh_inputs = refresh_inputs
+        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.pairs = list(zip(self.model.trainable_variables, generator.trainable_variables))
+
+    @property
+    def variables(self):
+        """What a checkpoint holds: the averaged weights and the update count."""
+        return list(self.model.variables) + [self.updates]
+
+    def update(self):
+        """One averaging step, after a training step (traced into the compiled training call)."""
+        self.updates.assign_add(1)
+        count = tf.cast(self.updates, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + count) / (10.0 + count))
+        for average, value in self.pairs:
+            average.assign(decay * average + (1.0 - decay) * value)
+
+    def refresh(self, batch_size=500):
+        """Recompute the batch-norm statistics for the averaged weights (nothing to do without batch norm).
+
+        Each batch norm's moving statistics become the mean of its per-batch statistics over the
+        refresh noise, in batches of `batch_size` (momentum (k - 1) / k at the k-th batch keeps a
+        running mean); batches bound the memory, which one batch of 2,000 DCGAN samples doubled.
+        """
+        inputs = self.refresh_inputs if isinstance(self.refresh_inputs, list) else [self.refresh_inputs]
+        for index, start in enumerate(range(0, len(inputs[0]), batch_size) if self.batch_norms else []):
+            for layer in self.batch_norms:
+                layer.momentum = index / (index + 1)  # 0 at the first batch: the old statistics go.
+            batch = [values[start:start + batch_size] for values in inputs]
+            self.model(batch if len(batch) == 2 else batch[0], training=True)
+        for layer in self.batch_norms:
+            layer.momentum = self.source.get_layer(layer.name).momentum  # As saved in generator.keras.
 
 
 def compile_steps(train_step, images, labels, config):
@@ -1204,7 +1334,11 @@ def compile_steps(train_step, images, labels, config):
 
 
 def build_for_training(config, build):
-    """Seed, set the precision policy, and call the script's `build(config)` -> (train_step, state)."""
+    """Seed, set the precision policy, call the script's `build(config)`, and add the average of G.
+
+    Returns (train_step, state, averaged): with --ema, `averaged` is the AveragedGenerator,
+    `train_step` also updates it and `state` (what a checkpoint holds) includes it; else None.
+    """
     seed_everything(config)
     set_precision(config.precision)
     if not config.xla:
@@ -1212,7 +1346,22 @@ def build_for_training(config, build):
         # ("remapper failed ... LeakyReluGrad ... missing node BiasAdd") and skips the whole graph;
         # switched off, the error line goes and the step measured as fast or faster on the CPU.
         tf.config.optimizer.set_experimental_options({"remapping": False})
-    return build(config)
+    train_step, state = build(config)
+    if not getattr(config, "ema", 0):
+        return train_step, state, None
+    generator = state["generator"]
+    # A fixed batch of noise (and balanced labels) for the batch-norm statistics of the average.
+    refresh_noise = np.random.default_rng(config.seed + 3).standard_normal((2000, config.latent_dim)).astype(np.float32)
+    refresh_labels = one_hot(balanced_labels(len(refresh_noise), config), config)
+    averaged = AveragedGenerator(generator, config.ema,
+                                 [refresh_noise, refresh_labels] if len(generator.inputs) == 2 else refresh_noise)
+
+    def step_and_average(real_images, real_labels):
+        values = train_step(real_images, real_labels)
+        averaged.update()
+        return values
+
+    return step_and_average, state | {"averaged_generator": averaged.variables}, averaged
 
 
 def seed_everything(config):
@@ -1299,9 +1448,12 @@ def train(config, run, data, build, transform="none"):
     devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
     print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}; precision "
           f"{config.precision}, XLA {'on' if config.xla else 'off'}, {config.steps_per_call} steps per call")
-    train_step, state = build_for_training(config, build)
+    train_step, state, averaged = build_for_training(config, build)
     images, labels = data
     generator = state["generator"]
+    # --ema: samples, grids, figures and the saved generator come from the averaged weights; the
+    # raw generator is scored beside it at each evaluation.
+    sampler = averaged.model if averaged else generator
     grid_size = config.sample_grid
     steps = len(images) // config.batch_size
 
@@ -1396,7 +1548,9 @@ def train(config, run, data, build, transform="none"):
 
             # Everything a user looks at between epochs: the grid, the plots, the history, the
             # generator; then the checkpoint, last, so that it never runs ahead of them.
-            grid = image_grid(sample_images(generator, grid_noise, grid_labels), grid_columns)
+            if averaged:
+                averaged.refresh()
+            grid = image_grid(sample_images(sampler, grid_noise, grid_labels), grid_columns)
             save_png(run.epoch_grid(epoch), grid)
             with writer.as_default(step=epoch * steps):
                 for key in METRICS:
@@ -1404,18 +1558,26 @@ def train(config, run, data, build, transform="none"):
                 tf.summary.scalar("epoch/seconds", seconds)
                 tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
             if evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
-                figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform, config)
-                history["evaluations"].append({"epoch": epoch, **figures})
+                figures = evaluate_generator(evaluator, sampler, config.num_samples, config.seed, transform, config)
+                if averaged:  # The raw generator too: the same training without the average, for comparison.
+                    raw = evaluate_generator(evaluator, generator, config.num_samples, config.seed, transform, config)
+                    figures["raw"] = {key: raw[key] for key in evaluation.FIGURES}
                 with writer.as_default(step=epoch * steps):
                     for key in evaluation.FIGURES:
                         tf.summary.scalar(f"evaluation/{key}", figures[key])
+                        if averaged:
+                            tf.summary.scalar(f"evaluation_raw_generator/{key}", figures["raw"][key])
                 print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
                       f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/{figures['classes']} classes, "
-                      f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)")
+                      f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)"
+                      + (f"; raw G without the average: FID {figures['raw']['fid']:.3g}, IS "
+                         f"{figures['raw']['inception_score']:.3g}, {figures['raw']['classes_covered']} classes"
+                         if averaged else ""))
+                history["evaluations"].append({"epoch": epoch, **figures})
             writer.flush()
             history["total_seconds"] = round(time.perf_counter() - session_start, 3)
             with atomic_path(run.generator) as temporary:
-                generator.save(temporary)
+                sampler.save(temporary)
             _write_pictures(run, history, epoch, evaluator, gif=stop.signal is not None or epoch == config.epochs)
             save_checkpoint(epoch, 0)
             if stop.signal and epoch < config.epochs:
@@ -1424,7 +1586,9 @@ def train(config, run, data, build, transform="none"):
 
     random_noise = np.random.default_rng(config.seed + 1).standard_normal((grid_size * grid_size, config.latent_dim))
     random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))
-    save_png(run.random_samples, image_grid(sample_images(generator, random_noise, random_labels), columns))
+    if averaged:
+        averaged.refresh()
+    save_png(run.random_samples, image_grid(sample_images(sampler, random_noise, random_labels), columns))
     writer.close()
     total = history["total_seconds"]
     print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
@@ -1522,7 +1686,7 @@ def _time_training(config, data, build, min_seconds=6.0, min_steps=2):
     """Steady-state seconds per step (and peak memory) of the training step under `config`'s settings."""
     _reset_peak_memory()
     images, labels = data
-    train_step, state = build_for_training(config, build)
+    train_step, state, _ = build_for_training(config, build)
     train_steps = compile_steps(train_step, images, labels, config)
     rng = np.random.default_rng(0)
     calls = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
@@ -1630,7 +1794,11 @@ def plot_metrics(path, evaluations, floor):
               ("classes_covered", "classes covered"), ("confidence", "mean top-class confidence"))
     figure, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharex=True)
     for axis, (key, title) in zip(axes.flat, panels):
-        axis.plot(epochs, [e[key] for e in evaluations], "o-", color="tab:purple", label="generated")
+        axis.plot(epochs, [e[key] for e in evaluations], "o-", color="tab:purple",
+                  label="generated (EMA of G)" if "raw" in evaluations[-1] else "generated")
+        if "raw" in evaluations[-1]:
+            raw = [(e["epoch"], e["raw"][key]) for e in evaluations if "raw" in e]
+            axis.plot(*zip(*raw), "s:", color="tab:gray", markersize=4, label="raw G (no EMA)")
         axis.axhline(floor[key], color="black", linestyle="--", linewidth=1, label="real data")
         axis.set_title(title)
         axis.grid(alpha=0.3)

@@ -69,6 +69,12 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (gan_mnist, ["--generate", "5", "--samples-npz", "s.png"], "--samples-npz"),
     (dcgan_mnist, ["--arch", "48"], "--arch"),
     (dcgan_mnist, ["--kernel-size", "0"], "--kernel-size"),
+    (dcgan_mnist, ["--ema", "1"], "--ema"),
+    (dcgan_mnist, ["--loss", "wasserstein"], "--loss"),
+    (gan_mnist, ["--loss", "hinge", "--label-smoothing", "0.1"], "--label-smoothing"),
+    (gan_mnist, ["--label-smoothing", "0.7"], "--label-smoothing"),
+    (gan_mnist, ["--d-lr-scale", "0"], "--d-lr-scale"),
+    (gan_mnist, ["--r1", "-1"], "--r1"),
 ])
 def test_bad_flags_are_refused_in_one_line_naming_the_flag(module, argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_status:

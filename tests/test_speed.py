@@ -32,7 +32,7 @@ def float32_policy_afterwards():
                                                         ("fp16", "float16", True)])
 def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, compute, scaled):
     config = config_for(gan_mnist, "--precision", precision)
-    train_step, state = utils.build_for_training(config, gan_mnist.build_training)
+    train_step, state, _ = utils.build_for_training(config, gan_mnist.build_training)
     generator, discriminator = state["generator"], state["discriminator"]
     assert generator.layers[0].compute_dtype == compute
     assert all(v.dtype == "float32" for v in generator.trainable_variables)  # Master weights stay float32.

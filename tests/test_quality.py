@@ -1,0 +1,147 @@
+"""The sample-quality levers: the average of G (--ema), the losses, one-sided label smoothing, R1, spectral norm."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import dcgan_mnist
+import gan_mnist
+import utils
+from test_speed import config_for
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_afterwards():
+    yield
+    utils.set_precision("fp32")
+    utils.tf.config.optimizer.set_experimental_options({"remapping": True})
+
+
+def sigmoid_cross_entropy(logit, target):
+    probability = 1 / (1 + np.exp(-logit))
+    return -(target * np.log(probability) + (1 - target) * np.log(1 - probability))
+
+
+@pytest.mark.parametrize("loss, smoothing, d_expected, g_expected", [
+    ("ns", 0.0, sigmoid_cross_entropy(2.0, 1.0) + sigmoid_cross_entropy(-1.0, 0.0), sigmoid_cross_entropy(-1.0, 1.0)),
+    ("ns", 0.1, sigmoid_cross_entropy(2.0, 0.9) + sigmoid_cross_entropy(-1.0, 0.0), sigmoid_cross_entropy(-1.0, 1.0)),
+    ("hinge", 0.0, max(0, 1 - 2.0) + max(0, 1 - 1.0), 1.0),  # D: relu(1 - 2) + relu(1 + (-1)); G: -(-1).
+    ("ls", 0.0, 0.5 * (2.0 - 1) ** 2 + 0.5 * 1.0, 0.5 * (-1.0 - 1) ** 2),
+    ("ls", 0.2, 0.5 * (2.0 - 0.8) ** 2 + 0.5 * 1.0, 0.5 * (-1.0 - 1) ** 2),
+])
+def test_each_loss_computes_its_stated_objective(loss, smoothing, d_expected, g_expected):
+    config = config_for(gan_mnist, "--loss", loss, "--label-smoothing", str(smoothing))
+    discriminator_loss, generator_loss = utils.gan_losses(config)
+    real, fake = utils.tf.constant([[2.0]]), utils.tf.constant([[-1.0]])
+    np.testing.assert_allclose(discriminator_loss(real, fake).numpy(), d_expected, rtol=1e-6)
+    np.testing.assert_allclose(generator_loss(fake).numpy(), g_expected, rtol=1e-6)
+
+
+def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
+    # A linear D, l(x) = w . x + b, has grad_x l = w for every image: the penalty is gamma/2 ||w||^2.
+    inputs = keras.Input((28, 28, 1))
+    discriminator = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(inputs)))
+    w = discriminator.layers[-1].kernel.numpy()
+    images = utils.tf.random.normal((5, 28, 28, 1))
+    logits, penalty = utils.logits_and_r1(discriminator, images, 10.0)
+    np.testing.assert_allclose(penalty.numpy(), 0.5 * 10.0 * np.sum(w ** 2), rtol=1e-5)
+    assert logits.shape == (5, 1)
+    assert utils.logits_and_r1(discriminator, images, 0.0)[1] == 0.0
+
+
+def test_the_average_follows_its_warmed_up_decay_exactly():
+    config = config_for(gan_mnist, "--ema", "0.999", "--precision", "fp32", "--batch-size", "8")
+    train_step, state, averaged = utils.build_for_training(config, gan_mnist.build_training)
+    generator = state["generator"]
+    before = [v.numpy() for v in generator.trainable_variables]
+    np.testing.assert_array_equal(averaged.model.get_weights()[0], generator.get_weights()[0])
+    step = utils.tf.function(train_step)
+    images, labels = utils.tf.random.uniform((8, 28, 28, 1), -1, 1), utils.tf.zeros((8,), "int32")
+    step(images, labels)
+    after_one = [v.numpy() for v in generator.trainable_variables]
+    decay = 2 / 11  # min(0.999, (1 + n) / (10 + n)) after n = 1 update
+    for average, start, now in zip(averaged.model.trainable_variables, before, after_one):
+        np.testing.assert_allclose(average.numpy(), decay * start + (1 - decay) * now, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(after_one[0], before[0])  # G did move, so the test can tell the two apart.
+    step(images, labels)
+    decay = 3 / 12
+    for average, start, one, now in zip(averaged.model.trainable_variables, before, after_one,
+                                        [v.numpy() for v in generator.trainable_variables]):
+        first = 2 / 11 * start + (1 - 2 / 11) * one
+        np.testing.assert_allclose(average.numpy(), decay * first + (1 - decay) * now, rtol=1e-5, atol=1e-7)
+    assert int(averaged.updates.numpy()) == 2
+
+
+def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
+    config = config_for(dcgan_mnist, "--ema", "0.9", "--precision", "fp32", "--batch-size", "8")
+    train_step, state, averaged = utils.build_for_training(
+        config, lambda settings: dcgan_mnist.build_training(settings, dcgan_mnist.PRESETS["28"]))
+    step = utils.tf.function(train_step)
+    for _ in range(3):
+        step(utils.tf.random.uniform((8, 28, 28, 1), -1, 1), utils.tf.zeros((8,), "int32"))
+    model = averaged.model
+    stale = [layer.moving_mean.numpy() for layer in averaged.batch_norms]
+    averaged.refresh(batch_size=2000)
+    assert averaged.batch_norms and all(not np.allclose(a, layer.moving_mean.numpy())
+                                        for a, layer in zip(stale, averaged.batch_norms))
+    # Refreshed from one batch, the statistics are that batch's: inference then equals training mode on it.
+    inference = model(averaged.refresh_inputs, training=False).numpy()
+    np.testing.assert_allclose(inference, model(averaged.refresh_inputs, training=True).numpy(), atol=2e-5)
+    # In batches, each statistic is the mean of the batches' own statistics.
+    per_batch = []
+    everything = averaged.refresh_inputs
+    for start in range(0, 2000, 500):
+        averaged.refresh_inputs = everything[start:start + 500]
+        averaged.refresh(batch_size=500)
+        per_batch.append([(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in averaged.batch_norms])
+    averaged.refresh_inputs = everything
+    averaged.refresh(batch_size=500)
+    for index, layer in enumerate(averaged.batch_norms):
+        np.testing.assert_allclose(layer.moving_mean.numpy(), np.mean([b[index][0] for b in per_batch], axis=0),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), np.mean([b[index][1] for b in per_batch], axis=0),
+                                   rtol=1e-4, atol=1e-5)
+        assert layer.momentum == config.bn_momentum  # Restored, so the saved generator keeps the run's value.
+
+
+@pytest.mark.parametrize("module, extra", [
+    (gan_mnist, ["--loss", "hinge", "--r1", "1", "--spectral-norm", "--d-lr-scale", "2"]),
+    (dcgan_mnist, ["--loss", "ls", "--label-smoothing", "0.1", "--r1", "1", "--spectral-norm",
+                   "--limit", "64", "--batch-size", "32"]),
+])
+def test_the_levers_train_end_to_end_and_the_raw_generator_is_scored_beside_the_average(tmp_path, mnist_dir,
+                                                                                        module, extra):
+    run_dir = tmp_path / "run"
+    module.main(["--limit", "200", "--epochs", "1", "--num-samples", "200", "--data-dir", str(mnist_dir),
+                 "--out", str(run_dir)] + extra)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert np.isfinite(history["iterations"]["d_loss"]).all() and np.isfinite(history["iterations"]["g_loss"]).all()
+    final = history["evaluations"][-1]
+    assert set(final["raw"]) == {"fid", "inception_score", "classes_covered", "label_kl", "confidence"}
+    assert final["fid"] != final["raw"]["fid"]  # Two different generators were scored.
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["spectral_norm"] is True and config["r1"] == 1.0 and config["ema"] == 0.999
+
+
+def test_spectral_norm_wraps_every_weight_layer_of_d_and_keeps_the_logit_float32():
+    utils.set_precision("bf16")
+    for module in (gan_mnist, dcgan_mnist):
+        config = config_for(module, "--spectral-norm")
+        args = (config, module.PRESETS[config.arch]) if module is dcgan_mnist else (config,)
+        discriminator = module.build_discriminator(*args)
+        wrapped = [layer for layer in discriminator.layers if isinstance(layer, keras.layers.SpectralNormalization)]
+        weight_layers = [layer for layer in discriminator.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+        assert wrapped and not weight_layers
+        assert discriminator(np.zeros((2,) + tuple(discriminator.input_shape[1:]), np.float32)).dtype == "float32"
+        assert not any(isinstance(layer, keras.layers.SpectralNormalization)
+                       for layer in module.build_generator(*args).layers)
+
+
+def test_without_ema_the_raw_generator_draws_and_is_scored_alone(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    gan_mnist.main(["--limit", "200", "--epochs", "1", "--num-samples", "200", "--ema", "0",
+                    "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    final = json.loads((run_dir / "history.json").read_text())["evaluations"][-1]
+    assert "raw" not in final
