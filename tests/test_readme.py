@@ -44,3 +44,19 @@ def test_every_file_the_readme_names_exists():
     for name in ("gan_mnist.py", "dcgan_mnist.py", "utils.py", "evaluation.py", "requirements.txt", ".ci/run"):
         assert name in README or name == ".ci/run"
         assert (REPO / name).is_file(), name
+
+
+def test_every_picture_and_file_the_readme_links_exists_and_the_showcase_opens_it():
+    links = re.findall(r"\]\(([^)#]+)\)", README)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10
+    missing = [link for link in local if not (REPO / link).is_file()]
+    assert not missing, f"README links files that do not exist: {missing}"
+    # The README opens with pictures: the first section after the title shows the showcase images.
+    results = README.split("## Results", 1)[1].split("\n## ", 1)[0]
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", results)
+    assert {"results/showcase/real_samples.png", "results/showcase/dcgan_progress.gif"} <= set(images)
+    import imageio.v3 as iio
+    frames = iio.imread(REPO / "results/showcase/dcgan_progress.gif", index=None)
+    assert frames.shape[0] == 20 and frames.std() > 10  # One frame per epoch of the 20-epoch run, not blank.
+    assert README.index("## Results") < README.index("## Run it")
