@@ -1586,8 +1586,7 @@ def train(config, run, data, build, transform="none"):
 
     random_noise = np.random.default_rng(config.seed + 1).standard_normal((grid_size * grid_size, config.latent_dim))
     random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))
-    if averaged:
-        averaged.refresh()
+    # The average's batch-norm statistics were refreshed after the last epoch; nothing has moved since.
     save_png(run.random_samples, image_grid(sample_images(sampler, random_noise, random_labels), columns))
     writer.close()
     total = history["total_seconds"]
