@@ -293,7 +293,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
         parse_classes(config.classes, config.dataset)  # Refuses an unknown class now, before any data is read.
     if getattr(config, "label_smoothing", 0) and config.loss == "hinge":
         raise UsageError(f"argument --label-smoothing: applies to the ns and ls losses, not to --loss hinge "
-                         f"(got {config.label_smoothing})")
+                         f"(got {config.label_smoothing}; add --loss ns or --loss ls)")
     if config.limit and config.batch_size > config.limit:
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the "
                          f"{config.limit} training images of --limit {config.limit}")
