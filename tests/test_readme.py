@@ -60,3 +60,22 @@ def test_every_picture_and_file_the_readme_links_exists_and_the_showcase_opens_i
     frames = iio.imread(REPO / "results/showcase/dcgan_progress.gif", index=None)
     assert frames.shape[0] == 20 and frames.std() > 10  # One frame per epoch of the 20-epoch run, not blank.
     assert README.index("## Results") < README.index("## Run it")
+
+
+@pytest.mark.parametrize("row, module, argv", [
+    ("`gan_mnist.py`", gan_mnist, []),
+    ("`dcgan_mnist.py` (`--arch 28`, default)", dcgan_mnist, ["--arch", "28"]),
+    ("`dcgan_mnist.py --arch 32`", dcgan_mnist, ["--arch", "32"]),
+    ("`dcgan_mnist.py --arch 64`", dcgan_mnist, ["--arch", "64"]),
+])
+def test_the_parameter_counts_the_readme_gives_are_the_models(row, module, argv):
+    line = next(line for line in README.splitlines() if line.startswith(f"| {row} |"))
+    quoted = [int(count.replace(",", "")) for count in re.findall(r"[\d,]{5,}", line.split("|")[2])]
+    config = utils.parse_config(module.__file__, vars(module), argv, presets=getattr(module, "PRESETS", None),
+                                auto_preset=getattr(module, "default_arch", None))
+    if module is dcgan_mnist:
+        preset = dcgan_mnist.PRESETS[config.arch]
+        models = dcgan_mnist.build_generator(config, preset), dcgan_mnist.build_discriminator(config, preset)
+    else:
+        models = gan_mnist.build_generator(config), gan_mnist.build_discriminator(config)
+    assert quoted == [model.count_params() for model in models]
