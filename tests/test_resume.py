@@ -52,7 +52,7 @@ def checkpoint_files(run_dir):
 @pytest.mark.parametrize("module, change, named", [
     (gan_mnist, ["--latent-dim", "64"], "--latent-dim 64 (the run has 100)"),
     (dcgan_mnist, ["--arch", "32"], "--arch 32 (the run has 28)"),
-    (dcgan_mnist, ["--kernel-size", "3", "--lr", "1e-3"], "--kernel-size 3 (the run has 5); --lr 0.001"),
+    (dcgan_mnist, ["--kernel-size", "3", "--lr", "5e-4"], "--kernel-size 3 (the run has 5); --lr 0.0005"),
 ])
 def test_resume_with_other_settings_is_refused_and_the_checkpoint_untouched(tmp_path, mnist_dir, capsys,
                                                                             module, change, named):
