@@ -14,10 +14,15 @@ README = (REPO / "README.md").read_text()
 SCRIPTS = {"gan_mnist.py": gan_mnist, "dcgan_mnist.py": dcgan_mnist}
 
 
+def parse(module, argv):
+    """The script's resolved config for `argv`, as its main() would parse it."""
+    return utils.parse_config(module.__file__, vars(module), argv, presets=getattr(module, "PRESETS", None),
+                              auto_preset=getattr(module, "default_arch", None))
+
+
 def help_text(module, capsys):
     with pytest.raises(SystemExit):
-        utils.parse_config(module.__file__, vars(module), ["--help"], presets=getattr(module, "PRESETS", None),
-                           auto_preset=getattr(module, "default_arch", None))
+        parse(module, ["--help"])
     return capsys.readouterr().out
 
 
@@ -36,8 +41,7 @@ def test_every_quoted_command_parses(capsys):
         argv = shlex.split(arguments)
         if "--help" in argv:
             continue
-        utils.parse_config(module.__file__, vars(module), argv, presets=getattr(module, "PRESETS", None),
-                           auto_preset=getattr(module, "default_arch", None))
+        parse(module, argv)
 
 
 def test_every_file_the_readme_names_exists():
@@ -71,8 +75,7 @@ def test_every_picture_and_file_the_readme_links_exists_and_the_showcase_opens_i
 def test_the_parameter_counts_the_readme_gives_are_the_models(row, module, argv):
     line = next(line for line in README.splitlines() if line.startswith(f"| {row} |"))
     quoted = [int(count.replace(",", "")) for count in re.findall(r"[\d,]{5,}", line.split("|")[2])]
-    config = utils.parse_config(module.__file__, vars(module), argv, presets=getattr(module, "PRESETS", None),
-                                auto_preset=getattr(module, "default_arch", None))
+    config = parse(module, argv)
     if module is dcgan_mnist:
         preset = dcgan_mnist.PRESETS[config.arch]
         models = dcgan_mnist.build_generator(config, preset), dcgan_mnist.build_discriminator(config, preset)
