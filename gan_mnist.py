@@ -63,7 +63,8 @@ def build_generator(config):
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
-        keras.layers.Dense(int(np.prod(shape)), activation="tanh", dtype="float32"),  # (N, 784) in [-1, 1]
+        keras.layers.Dense(int(np.prod(shape))),                  # (N, 784), in the policy's precision (D reads bf16 anyway)
+        keras.layers.Activation("tanh", dtype="float32"),         # (N, 784) in [-1, 1], float32 under any precision
         keras.layers.Reshape(shape, dtype="float32"),             # (N, 28, 28, 1), float32 under any precision
     ], (config.latent_dim,), config, "generator")
 
