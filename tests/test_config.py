@@ -49,6 +49,8 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     config = parse(dcgan_mnist, "--arch", "32")
     assert (config.latent_dim, config.kernel_size, config.batch_size, config.lr) == (200, 4, 64, 2e-4)
     assert parse(dcgan_mnist, "--lr", "2e-4").lr == 2e-4  # Radford's rate for the 28 preset, from the flag.
+    assert parse(dcgan_mnist).r1 == 1.0 and parse(dcgan_mnist, "--arch", "64").r1 == 0.0
+    assert parse(dcgan_mnist, "--r1", "0").r1 == 0.0  # Radford's recipe has no penalty.
     config = parse(dcgan_mnist, "--arch", "64", "--latent-dim", "32")
     assert (config.latent_dim, config.kernel_size, config.batch_size) == (32, 4, 100)
 
