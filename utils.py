@@ -1709,7 +1709,7 @@ def _time_training(config, data, build, min_seconds=6.0, min_steps=2):
     # Three timing windows; the fastest is the steady state (the others caught the machine busy).
     seconds = min(window() for _ in range(3))
     flops = training_flops(forward_flops(state["generator"]), forward_flops(state["discriminator"]),
-                           r1=bool(getattr(config, "r1", 0)))
+                           r1=config.r1 > 0)
     host, device = _peak_memory_mb()
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device, "window": window}
 
@@ -1742,12 +1742,17 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3):
         if setting.precision not in peaks:
             peaks[setting.precision] = matmul_peak(setting.precision)
         rows.append((label, setting, result))
-    # The speedup compares the first two rows. Timed one after the other, a slow spell of the
-    # machine during either row moves it by 10% or more; so both are timed again in alternating
-    # windows, and each keeps its fastest window from anywhere in the run.
-    for _ in range(alternations):
-        for _, _, result in rows[:2]:
-            result["seconds"] = min(result["seconds"], result["window"]())
+        if len(rows) == 2:
+            # The speedup compares these two rows. Timed one after the other, a slow spell of the
+            # machine during either moves it by 10% or more; so both are timed again in alternating
+            # windows, and each keeps its fastest window. Their window functions (which hold the
+            # models) go afterwards, so that a --batch-sizes row's memory does not count them.
+            for _ in range(alternations):
+                for _, _, timed in rows:
+                    timed["seconds"] = min(timed["seconds"], timed["window"]())
+        if len(rows) >= 2:
+            for _, _, timed in rows:
+                timed.pop("window", None)
     set_precision("fp32")
 
     header = (f"{'setting':<22} {'precision':>9} {'XLA':>4} {'K':>3} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
