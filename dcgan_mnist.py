@@ -42,6 +42,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 made Radford et al.'s training oscill
 EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
 LOSS = "ns"  # ns: non-saturating cross-entropy; hinge; ls: least squares (LSGAN)
 LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
+LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall linearly to zero (0: constant)
 D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
 SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
 R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)

@@ -140,6 +140,7 @@ _CHECKS = {
     "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     "d_lr_scale": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
+    "lr_decay": (lambda v: 0 <= v <= 1, "must be in [0, 1] (0: a constant rate; 1: decay over the whole run)"),
 }
 
 
@@ -1183,13 +1184,35 @@ def set_precision(precision):
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
 
 
+class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning rate held at `initial` until step `start`, then falling linearly to zero at step `end`."""
+
+    def __init__(self, initial, start, end):
+        if not 0 <= start < end:
+            raise ValueError(f"LinearDecay needs 0 <= start < end, got start {start}, end {end}")
+        self.initial, self.start, self.end = float(initial), int(start), int(end)
+
+    def __call__(self, step):
+        progress = (tf.cast(step, tf.float32) - self.start) / float(self.end - self.start)
+        return self.initial * (1.0 - tf.clip_by_value(progress, 0.0, 1.0))
+
+    def get_config(self):
+        return {"initial": self.initial, "start": self.start, "end": self.end}
+
+
 def make_optimizer(config, variables, lr_scale=1.0):
     """Adam(lr * lr_scale, beta1) for `variables`, built now (eagerly, before any traced step creates slots).
 
+    With --lr-decay f, the rate is constant for the first 1 - f of the run's `config.total_steps` (set
+    by `train`) and falls linearly to zero over the last f; elsewhere (the benchmark) it stays constant.
     Under fp16 it is wrapped in a LossScaleOptimizer, so that small gradients do not underflow: a
     step computes `tape.gradient(optimizer.scale_loss(loss), ...)`, which is the plain loss otherwise.
     """
-    optimizer = keras.optimizers.Adam(config.lr * lr_scale, beta_1=config.beta1)
+    learning_rate = config.lr * lr_scale
+    total_steps = getattr(config, "total_steps", 0)
+    if config.lr_decay and total_steps:
+        learning_rate = LinearDecay(learning_rate, round(total_steps * (1 - config.lr_decay)), total_steps)
+    optimizer = keras.optimizers.Adam(learning_rate, beta_1=config.beta1)
     if config.precision == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(variables)
@@ -1448,14 +1471,15 @@ def train(config, run, data, build, transform="none"):
     devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
     print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}; precision "
           f"{config.precision}, XLA {'on' if config.xla else 'off'}, {config.steps_per_call} steps per call")
-    train_step, state, averaged = build_for_training(config, build)
     images, labels = data
+    steps = len(images) // config.batch_size
+    config.total_steps = config.epochs * steps  # The learning-rate decay's horizon (--lr-decay).
+    train_step, state, averaged = build_for_training(config, build)
     generator = state["generator"]
     # --ema: samples, grids, figures and the saved generator come from the averaged weights; the
     # raw generator is scored beside it at each evaluation.
     sampler = averaged.model if averaged else generator
     grid_size = config.sample_grid
-    steps = len(images) // config.batch_size
 
     # The checkpoint: the models, optimizers and noise generator, the fixed noise of the progress
     # grids, how far training got (completed epochs, and steps into the next after an interrupt),

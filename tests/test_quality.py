@@ -145,3 +145,28 @@ def test_without_ema_the_raw_generator_draws_and_is_scored_alone(tmp_path, mnist
                     "--data-dir", str(mnist_dir), "--out", str(run_dir)])
     final = json.loads((run_dir / "history.json").read_text())["evaluations"][-1]
     assert "raw" not in final
+
+
+def test_the_learning_rate_decays_linearly_to_zero_over_the_last_fraction_of_the_run():
+    config = config_for(gan_mnist, "--lr", "1e-3", "--lr-decay", "0.5")
+    variables = [utils.tf.Variable(1.0)]
+    assert float(utils.make_optimizer(config, variables).learning_rate) == pytest.approx(1e-3)  # No horizon: constant.
+    config.total_steps = 100
+    optimizer = utils.make_optimizer(config, variables, lr_scale=2.0)
+    rates = {}
+    for step in (0, 50, 75, 100, 120):
+        optimizer.iterations.assign(step)
+        rates[step] = float(optimizer.learning_rate)
+    assert rates == pytest.approx({0: 2e-3, 50: 2e-3, 75: 1e-3, 100: 0.0, 120: 0.0})
+
+
+def test_a_training_run_ends_with_the_decayed_rate_at_zero(tmp_path, mnist_dir, monkeypatch):
+    optimizers = []
+    make_optimizer = utils.make_optimizer
+    monkeypatch.setattr(utils, "make_optimizer", lambda *args, **kwargs: optimizers.append(
+        make_optimizer(*args, **kwargs)) or optimizers[-1])
+    gan_mnist.main(["--limit", "200", "--batch-size", "50", "--epochs", "2", "--eval-every", "0", "--lr-decay", "1",
+                    "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")])
+    assert len(optimizers) == 2
+    for optimizer in optimizers:
+        assert int(optimizer.iterations) == 8 and float(optimizer.learning_rate) == 0.0
