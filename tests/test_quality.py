@@ -163,8 +163,12 @@ def test_the_learning_rate_decays_linearly_to_zero_over_the_last_fraction_of_the
 def test_a_training_run_ends_with_the_decayed_rate_at_zero(tmp_path, mnist_dir, monkeypatch):
     optimizers = []
     make_optimizer = utils.make_optimizer
-    monkeypatch.setattr(utils, "make_optimizer", lambda *args, **kwargs: optimizers.append(
-        make_optimizer(*args, **kwargs)) or optimizers[-1])
+
+    def recording_make_optimizer(*args, **kwargs):
+        optimizers.append(make_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(utils, "make_optimizer", recording_make_optimizer)
     gan_mnist.main(["--limit", "200", "--batch-size", "50", "--epochs", "2", "--eval-every", "0", "--lr-decay", "1",
                     "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")])
     assert len(optimizers) == 2
