@@ -45,7 +45,7 @@ def test_help_lists_every_constant_with_its_default(module, capsys):
 
 
 def test_presets_give_their_own_defaults_and_flags_override_them():
-    assert (parse(dcgan_mnist).batch_size, parse(dcgan_mnist).latent_dim, parse(dcgan_mnist).lr) == (128, 100, 1e-3)
+    assert (parse(dcgan_mnist).batch_size, parse(dcgan_mnist).latent_dim, parse(dcgan_mnist).lr) == (64, 100, 1e-3)
     config = parse(dcgan_mnist, "--arch", "32")
     assert (config.latent_dim, config.kernel_size, config.batch_size, config.lr) == (200, 4, 64, 2e-4)
     assert parse(dcgan_mnist, "--lr", "2e-4").lr == 2e-4  # Radford's rate for the 28 preset, from the flag.

@@ -9,6 +9,7 @@ import pytest
 import dcgan_mnist
 import gan_mnist
 import utils
+from conftest import run_script
 from test_speed import config_for
 
 
@@ -174,3 +175,18 @@ def test_a_training_run_ends_with_the_decayed_rate_at_zero(tmp_path, mnist_dir, 
     assert len(optimizers) == 2
     for optimizer in optimizers:
         assert int(optimizer.iterations) == 8 and float(optimizer.learning_rate) == 0.0
+
+
+def test_the_study_tool_scores_extra_averages_beside_the_runs_own(mnist_dir, tmp_path):
+    # results/extra_averages.py: its first extra average repeats the run's own schedule, so its FID
+    # must equal the run's; the others differ from it after a few steps of real training.
+    run_dir = tmp_path / "run"
+    result = run_script("results/extra_averages.py", "dcgan_mnist.py", "--epochs", "1", "--limit", "256",
+                        "--batch-size", "32", "--num-samples", "300", "--data-dir", str(mnist_dir), "--out", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (run_dir / "extra_averages.jsonl").read_text().splitlines()]
+    own = json.loads((run_dir / "metrics.json").read_text())["figures"]
+    assert [(row["cap"], row["c"], row["step"]) for row in rows][:2] == [(0.999, 10.0, 8), (0.9995, 10.0, 8)]
+    assert len(rows) == 6 and rows[0]["fid"] == pytest.approx(own["fid"], rel=1e-6)
+    assert rows[-1]["fid"] != pytest.approx(own["fid"], rel=1e-3)  # c = 2 keeps far more of the initial weights.
+    assert "extra average cap 1.0 c 2 at step 8" in result.stdout
