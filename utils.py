@@ -1286,16 +1286,17 @@ class AveragedGenerator:
 
     Averaging the weights of the last ~1/(1 - decay) steps smooths away the step-to-step wobble of
     the adversarial game (Yazici et al. 2019; Karras et al. 2018). The decay is warmed up as
-    min(decay, (1 + n) / (10 + n)) after n updates, so early epochs are not dominated by the
-    random initial weights. Batch-norm statistics are not averaged: they belong to the raw
+    min(decay, (1 + n) / (warm_up + n)) after n updates (warm_up 10: about the last ninth of the
+    steps so far), so early epochs are not dominated by the random initial weights. Batch-norm statistics are not averaged: they belong to the raw
     weights, so before sampling, `refresh()` recomputes them for the averaged weights from fixed
     noise (BigGAN's "standing statistics"): the mean of the per-batch statistics of a few batches.
     The training noise stream is untouched, so the same run shows the raw generator's figures
     beside the average's.
     """
 
-    def __init__(self, generator, decay, refresh_inputs):
+    def __init__(self, generator, decay, refresh_inputs, warm_up=10.0):
         self.decay = decay
+        self.warm_up = warm_up
         self.source = generator
         self.model = keras.models.clone_model(generator)
         self.model.set_weights(generator.get_weights())
@@ -1313,7 +1314,7 @@ class AveragedGenerator:
         """One averaging step, after a training step (traced into the compiled training call)."""
         self.updates.assign_add(1)
         count = tf.cast(self.updates, tf.float32)
-        decay = tf.minimum(self.decay, (1.0 + count) / (10.0 + count))
+        decay = tf.minimum(self.decay, (1.0 + count) / (self.warm_up + count))
         for average, value in self.pairs:
             average.assign(decay * average + (1.0 - decay) * value)
 

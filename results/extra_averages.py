@@ -13,40 +13,27 @@ import json
 import os
 import runpy
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.getcwd())  # The scripts and utils.py, from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # utils.py, from the repository root.
 
 import utils  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+AveragedGenerator = utils.AveragedGenerator  # The project's own, before the swap at the bottom.
 
 # (cap, c) of each extra average. The first repeats the default schedule (--ema 0.999), so its
 # figures must equal the run's own: a check that the extras see exactly what the run sees.
 EXTRAS = [(0.999, 10.0), (0.9995, 10.0), (0.9998, 10.0), (1.0, 10.0), (1.0, 4.0), (1.0, 2.0)]
 
 
-class ExtraAverage(utils.AveragedGenerator):
-    """An average of G's weights with its own warm-up constant c: decay min(cap, (1 + n) / (c + n))."""
-
-    def __init__(self, generator, cap, warm_up, refresh_inputs):
-        super().__init__(generator, cap, refresh_inputs)
-        self.warm_up = warm_up
-
-    def update(self):
-        self.updates.assign_add(1)
-        count = tf.cast(self.updates, tf.float32)
-        decay = tf.minimum(self.decay, (1.0 + count) / (self.warm_up + count))
-        for average, value in self.pairs:
-            average.assign(decay * average + (1.0 - decay) * value)
-
-
-class AveragesBesideTheRunsOwn(utils.AveragedGenerator):
+class AveragesBesideTheRunsOwn(AveragedGenerator):
     """The run's own average (as in utils), updating the extra ones after each of its own updates."""
 
     latest = None
 
     def __init__(self, generator, decay, refresh_inputs):
         super().__init__(generator, decay, refresh_inputs)
-        self.extras = [ExtraAverage(generator, cap, warm_up, refresh_inputs) for cap, warm_up in EXTRAS]
+        self.extras = [AveragedGenerator(generator, cap, refresh_inputs, warm_up) for cap, warm_up in EXTRAS]
         AveragesBesideTheRunsOwn.latest = self
 
     def update(self):
