@@ -32,6 +32,7 @@ DROPOUT = 0.3  # dropout after each hidden layer of D, so D cannot memorise the 
 # Optimisation
 LR = 2e-4  # Adam learning rate for both networks (Radford et al. 2015)
 BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
+BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
 # Sample quality (the levers studied in results/README.md; the seed recipe is --loss ns --ema 0)
 EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
 LOSS = "hinge"  # hinge (FID 4.9 against ns's 7.5 at 100 epochs); ns: non-saturating cross-entropy; ls: least squares

@@ -132,6 +132,7 @@ _CHECKS = {
     "dataset": (lambda v: v in ("mnist", "fashion_mnist", "cifar10"), "must be mnist, fashion_mnist or cifar10"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "leaky_slope": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -1201,7 +1202,7 @@ class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(config, variables, lr_scale=1.0):
-    """Adam(lr * lr_scale, beta1) for `variables`, built now (eagerly, before any traced step creates slots).
+    """Adam(lr * lr_scale, beta1, beta2) for `variables`, built now (eagerly, before any traced step creates slots).
 
     With --lr-decay f, the rate is constant for the first 1 - f of the run's `config.total_steps` (set
     by `train`) and falls linearly to zero over the last f; elsewhere (the benchmark) it stays constant.
@@ -1212,7 +1213,7 @@ def make_optimizer(config, variables, lr_scale=1.0):
     total_steps = getattr(config, "total_steps", 0)
     if config.lr_decay and total_steps:
         learning_rate = LinearDecay(learning_rate, round(total_steps * (1 - config.lr_decay)), total_steps)
-    optimizer = keras.optimizers.Adam(learning_rate, beta_1=config.beta1)
+    optimizer = keras.optimizers.Adam(learning_rate, beta_1=config.beta1, beta_2=config.beta2)
     if config.precision == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(variables)

@@ -51,6 +51,8 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     assert parse(dcgan_mnist, "--lr", "2e-4").lr == 2e-4  # Radford's rate for the 28 preset, from the flag.
     assert parse(dcgan_mnist).r1 == 1.0 and parse(dcgan_mnist, "--arch", "64").r1 == 0.0
     assert parse(dcgan_mnist, "--r1", "0").r1 == 0.0  # Radford's recipe has no penalty.
+    assert (parse(dcgan_mnist).beta1, parse(dcgan_mnist, "--arch", "32").beta1) == (0.0, 0.5)
+    assert parse(dcgan_mnist, "--beta1", "0.5").beta1 == 0.5  # Radford's momentum for the 28 preset, from the flag.
     config = parse(dcgan_mnist, "--arch", "64", "--latent-dim", "32")
     assert (config.latent_dim, config.kernel_size, config.batch_size) == (32, 4, 100)
 
@@ -63,6 +65,7 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (gan_mnist, ["--lr", "0"], "--lr"),
     (gan_mnist, ["--lr", "nan"], "--lr"),
     (gan_mnist, ["--beta1", "1"], "--beta1"),
+    (dcgan_mnist, ["--beta2", "-0.1"], "--beta2"),
     (gan_mnist, ["--dropout", "1.5"], "--dropout"),
     (gan_mnist, ["--limit", "-5"], "--limit"),
     (gan_mnist, ["--limit", "50"], "--batch-size"),  # Batch 100 is larger than 50 images.

@@ -148,6 +148,12 @@ def test_without_ema_the_raw_generator_draws_and_is_scored_alone(tmp_path, mnist
     assert "raw" not in final
 
 
+def test_adam_takes_both_betas_from_the_flags():
+    config = config_for(dcgan_mnist, "--beta1", "0", "--beta2", "0.99")
+    optimizer = utils.make_optimizer(config, [utils.tf.Variable(1.0)])
+    assert (optimizer.beta_1, optimizer.beta_2) == (0.0, 0.99)
+
+
 def test_the_learning_rate_decays_linearly_to_zero_over_the_last_fraction_of_the_run():
     config = config_for(gan_mnist, "--lr", "1e-3", "--lr-decay", "0.5")
     variables = [utils.tf.Variable(1.0)]
