@@ -38,7 +38,7 @@ CLASSES = ""  # train on these classes only, indices or names, comma-separated (
 CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Optimisation
 LR = None  # Adam learning rate for both networks; 28: 1e-3 (the study in results/README.md), 32 and 64: Radford's 2e-4
-BETA1 = None  # Adam beta1 (momentum); Radford's 0.5, as the default 0.9 made his training oscillate; 28: 0
+BETA1 = None  # Adam beta1 (momentum); Radford's 0.5, as 0.9 made his training oscillate; 28: 0 (the study)
 BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
 # Sample quality (levers studied in results/README.md; Radford's: --batch-size 128 --lr 2e-4 --beta1 0.5 --r1 0 --ema 0)
 EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)

@@ -1288,9 +1288,10 @@ class AveragedGenerator:
     Averaging the weights of the last ~1/(1 - decay) steps smooths away the step-to-step wobble of
     the adversarial game (Yazici et al. 2019; Karras et al. 2018). The decay is warmed up as
     min(decay, (1 + n) / (warm_up + n)) after n updates (warm_up 10: about the last ninth of the
-    steps so far), so early epochs are not dominated by the random initial weights. Batch-norm statistics are not averaged: they belong to the raw
-    weights, so before sampling, `refresh()` recomputes them for the averaged weights from fixed
-    noise (BigGAN's "standing statistics"): the mean of the per-batch statistics of a few batches.
+    steps so far), so early epochs are not dominated by the random initial weights. Batch-norm
+    statistics are not averaged: they belong to the raw weights, so before sampling, `refresh()`
+    recomputes them for the averaged weights from fixed noise (BigGAN's "standing statistics"): the
+    mean of the per-batch statistics of a few batches.
     The training noise stream is untouched, so the same run shows the raw generator's figures
     beside the average's.
     """
