@@ -48,6 +48,7 @@ LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall li
 D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
 SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
 R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
+CONSISTENCY = 0.0  # weight of D's consistency term E[(D(x) - D(shifted x))^2], real and fake (0: none)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
@@ -176,12 +177,17 @@ def build_training(config, preset):
 
         # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))   (--loss ns; hinge and ls: see utils)
         #           [ - R1/2 * E||grad_x D(x, y)||^2 with --r1 ]
+        #           [ - consistency * E[(D(x) - D(T(x)))^2 + (D(G(z)) - D(T(G(z))))^2] with --consistency ]
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
             real_logits, penalty = utils.logits_and_r1(discriminator, conditioned(real_images, real_labels), config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
+            if config.consistency:
+                penalty += utils.consistency_penalty(discriminator, config.consistency, noise_rng, [
+                    (real_images, real_logits, lambda x: conditioned(x, real_labels)),
+                    (fake_images, fake_logits, lambda x: conditioned(x, fake_labels))])
             scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)

@@ -141,6 +141,7 @@ _CHECKS = {
     "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     "d_lr_scale": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
+    "consistency": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no consistency term) or a positive number"),
     "lr_decay": (lambda v: 0 <= v <= 1, "must be in [0, 1] (0: a constant rate; 1: decay over the whole run)"),
 }
 
@@ -1280,6 +1281,37 @@ def logits_and_r1(discriminator, inputs, gamma):
     gradients = tf.cast(tape.gradient(total, images), tf.float32)
     squared_norms = tf.reduce_sum(tf.square(tf.reshape(gradients, (tf.shape(gradients)[0], -1))), axis=1)
     return logits, 0.5 * gamma * tf.reduce_mean(squared_norms)
+
+
+def random_shifts(images, max_shift, rng):
+    """Each image of the (N, H, W, C) batch moved by its own whole-pixel offset of up to `max_shift`
+    rows and columns (uniform in [-max_shift, max_shift]), the edges filled by reflection.
+
+    The augmentation T of the consistency term (--consistency); MNIST's borders are background, so
+    reflection fills them with background."""
+    count = tf.shape(images)[0]
+    offsets = tf.cast(rng.uniform((count, 2), -max_shift, max_shift + 1, dtype=tf.int32), tf.float32)
+    ones, zeros = tf.ones((count, 1)), tf.zeros((count, 1))
+    # Output pixel (x, y) reads input pixel (x - dx, y - dy): [a0, a1, a2, b0, b1, b2, c0, c1].
+    transforms = tf.concat([ones, zeros, -offsets[:, :1], zeros, ones, -offsets[:, 1:], zeros, zeros], axis=1)
+    shifted = keras.ops.image.affine_transform(tf.cast(images, tf.float32), transforms, interpolation="nearest",
+                                               fill_mode="reflect", data_format="channels_last")
+    return tf.cast(shifted, images.dtype)
+
+
+def consistency_penalty(discriminator, weight, rng, batches):
+    """Balanced consistency regularisation (Zhang et al. 2020; Zhao et al. 2021), the --consistency term:
+    weight * sum over the batches of E[(l(x) - l(T(x)))^2], T a random shift of up to 1/8 of the side.
+
+    `batches` holds (images, logits, conditioned) triples: the real batch and the fake batch with
+    D's logits on them, and the function that adds their labels for a conditional D. D learns to give
+    an image and its shifted copy the same score, without ever being told a shifted image is real.
+    """
+    penalty = 0.0
+    for images, logits, conditioned in batches:
+        shifted = random_shifts(images, max(1, images.shape[1] // 8), rng)
+        penalty += tf.reduce_mean(tf.square(discriminator(conditioned(shifted), training=True) - logits))
+    return weight * penalty
 
 
 class AveragedGenerator:

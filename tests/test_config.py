@@ -81,6 +81,7 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (gan_mnist, ["--label-smoothing", "0.7"], "--label-smoothing"),
     (gan_mnist, ["--d-lr-scale", "0"], "--d-lr-scale"),
     (gan_mnist, ["--r1", "-1"], "--r1"),
+    (dcgan_mnist, ["--consistency", "nan"], "--consistency"),
 ])
 def test_bad_flags_are_refused_in_one_line_naming_the_flag(module, argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_status:

@@ -1,4 +1,5 @@
-"""The sample-quality levers: the average of G (--ema), the losses, one-sided label smoothing, R1, spectral norm."""
+"""The sample-quality levers: the average of G (--ema), the losses, one-sided label smoothing, R1, consistency,
+spectral norm."""
 
 import json
 
@@ -50,6 +51,37 @@ def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
     np.testing.assert_allclose(penalty.numpy(), 0.5 * 10.0 * np.sum(w ** 2), rtol=1e-5)
     assert logits.shape == (5, 1)
     assert utils.logits_and_r1(discriminator, images, 0.0)[1] == 0.0
+
+
+def test_random_shifts_move_each_image_by_its_own_whole_pixel_offset_within_the_bound():
+    images = np.full((64, 28, 28, 1), -1.0, np.float32)
+    images[:, 10:14, 12:15, 0] = 1.0  # A 4x3 block on the background, away from the edges.
+    shifted = utils.random_shifts(utils.tf.constant(images), 3, utils.tf.random.Generator.from_seed(0)).numpy()
+    offsets = []
+    for picture in shifted[..., 0]:
+        assert set(np.unique(picture)) == {-1.0, 1.0} and (picture == 1.0).sum() == 12  # Moved, not blurred.
+        rows, columns = np.nonzero(picture == 1.0)
+        offsets.append((rows.min() - 10, columns.min() - 12))
+    offsets = np.array(offsets)
+    assert np.abs(offsets).max() == 3 and len({tuple(o) for o in offsets}) > 20  # Per image, up to 3 pixels.
+
+
+def test_the_consistency_term_is_zero_for_a_shift_invariant_d_and_weighted_otherwise():
+    inputs = keras.Input((28, 28, 1))
+    invariant = keras.Model(inputs, keras.ops.sum(inputs, axis=(1, 2)))  # Sums the pixels: blind to a shift.
+    corner = keras.Model(inputs, keras.ops.sum(inputs[:, :14, :14], axis=(1, 2)))  # Sees where the digit is.
+    images = np.full((32, 28, 28, 1), -1.0, np.float32)
+    images[:, 12:16, 12:16, 0] = 1.0  # Straddles the corner's edge: most shifts change its sum.
+    images = utils.tf.constant(images)
+    rng = utils.tf.random.Generator.from_seed(0)
+
+    def term(discriminator, weight):
+        batches = [(images, discriminator(images), lambda x: x)] * 2
+        return float(utils.consistency_penalty(discriminator, weight, rng, batches))
+
+    assert term(invariant, 10.0) == 0.0
+    one, ten = term(corner, 1.0), term(corner, 10.0)
+    assert one > 0.0 and 5.0 < ten / one < 20.0  # Fresh shifts each call: about 10x, not exactly.
 
 
 def test_the_average_follows_its_warmed_up_decay_exactly():
@@ -109,7 +141,7 @@ def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
 
 @pytest.mark.parametrize("module, extra", [
     (gan_mnist, ["--loss", "hinge", "--r1", "1", "--spectral-norm", "--d-lr-scale", "2"]),
-    (dcgan_mnist, ["--loss", "ls", "--label-smoothing", "0.1", "--r1", "1", "--spectral-norm",
+    (dcgan_mnist, ["--loss", "ls", "--label-smoothing", "0.1", "--r1", "1", "--spectral-norm", "--consistency", "10",
                    "--limit", "64", "--batch-size", "32"]),
 ])
 def test_the_levers_train_end_to_end_and_the_raw_generator_is_scored_beside_the_average(tmp_path, mnist_dir,
