@@ -1688,15 +1688,16 @@ def forward_flops(model):
     return total
 
 
-def training_flops(generator_flops, discriminator_flops, r1=False):
+def training_flops(generator_flops, discriminator_flops, r1=False, consistency=False):
     """FLOPs of one image's share of a training step, with backward passes at twice the forward.
 
     D update: G forward, D forward on a real and a fake image, D backward on both: G + 6 D.
     G update: G forward, D forward, D backward to its input only (about 1 D), G backward: 3 G + 2 D.
     With the R1 penalty, D's gradient at the real image (about 1 D) is itself differentiated
-    (about 2 D more): 3 D.
+    (about 2 D more): 3 D. The consistency term scores shifted copies of both images and
+    differentiates those scores too: 6 D.
     """
-    return 4 * generator_flops + (11 if r1 else 8) * discriminator_flops
+    return 4 * generator_flops + (8 + (3 if r1 else 0) + (6 if consistency else 0)) * discriminator_flops
 
 
 def matmul_peak(precision, size=2048, repeats=8):
@@ -1768,7 +1769,7 @@ def _time_training(config, data, build, min_seconds=6.0, min_steps=2):
     # Three timing windows; the fastest is the steady state (the others caught the machine busy).
     seconds = min(window() for _ in range(3))
     flops = training_flops(forward_flops(state["generator"]), forward_flops(state["discriminator"]),
-                           r1=config.r1 > 0)
+                           r1=config.r1 > 0, consistency=getattr(config, "consistency", 0) > 0)
     host, device = _peak_memory_mb()
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device, "window": window}
 

@@ -90,6 +90,7 @@ def test_flops_are_counted_from_the_layers():
                              keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same")])
     assert utils.forward_flops(conv) == 2 * 25 * 1 * 64 * 14 * 14 + 2 * 9 * 64 * 8 * 14 * 14
     assert utils.training_flops(10, 1) == 48 and utils.training_flops(10, 1, r1=True) == 51
+    assert utils.training_flops(10, 1, r1=True, consistency=True) == 57
 
 
 def test_benchmark_prints_the_table(mnist_dir, capsys):
