@@ -185,9 +185,8 @@ def build_training(config, preset):
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
             if config.consistency:
-                penalty += utils.consistency_penalty(discriminator, config.consistency, noise_rng, [
-                    (real_images, real_logits, lambda x: conditioned(x, real_labels)),
-                    (fake_images, fake_logits, lambda x: conditioned(x, fake_labels))])
+                penalty += utils.consistency_penalty(discriminator, config.consistency, noise_rng, conditioned, [
+                    (real_images, real_labels, real_logits), (fake_images, fake_labels, fake_logits)])
             scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)

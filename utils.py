@@ -1299,18 +1299,18 @@ def random_shifts(images, max_shift, rng):
     return tf.cast(shifted, images.dtype)
 
 
-def consistency_penalty(discriminator, weight, rng, batches):
+def consistency_penalty(discriminator, weight, rng, conditioned, batches):
     """Balanced consistency regularisation (Zhang et al. 2020; Zhao et al. 2021), the --consistency term:
     weight * sum over the batches of E[(l(x) - l(T(x)))^2], T a random shift of up to 1/8 of the side.
 
-    `batches` holds (images, logits, conditioned) triples: the real batch and the fake batch with
-    D's logits on them, and the function that adds their labels for a conditional D. D learns to give
-    an image and its shifted copy the same score, without ever being told a shifted image is real.
+    `batches` holds (images, labels, logits) triples, the real batch and the fake batch with D's
+    logits on them; `conditioned` (from `label_helpers`) adds the labels for a conditional D. D learns
+    to give an image and its shifted copy the same score, without ever being told a shifted image is real.
     """
     penalty = 0.0
-    for images, logits, conditioned in batches:
+    for images, labels, logits in batches:
         shifted = random_shifts(images, max(1, images.shape[1] // 8), rng)
-        penalty += tf.reduce_mean(tf.square(discriminator(conditioned(shifted), training=True) - logits))
+        penalty += tf.reduce_mean(tf.square(discriminator(conditioned(shifted, labels), training=True) - logits))
     return weight * penalty
 
 

@@ -76,8 +76,8 @@ def test_the_consistency_term_is_zero_for_a_shift_invariant_d_and_weighted_other
     rng = utils.tf.random.Generator.from_seed(0)
 
     def term(discriminator, weight):
-        batches = [(images, discriminator(images), lambda x: x)] * 2
-        return float(utils.consistency_penalty(discriminator, weight, rng, batches))
+        batches = [(images, None, discriminator(images))] * 2
+        return float(utils.consistency_penalty(discriminator, weight, rng, lambda x, labels: x, batches))
 
     assert term(invariant, 10.0) == 0.0
     one, ten = term(corner, 1.0), term(corner, 10.0)
