@@ -42,12 +42,14 @@ BETA1 = None  # Adam beta1 (momentum); Radford's 0.5, as 0.9 made his training o
 BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
 # Sample quality (levers studied in results/README.md; Radford's: --batch-size 128 --lr 2e-4 --beta1 0.5 --r1 0 --ema 0)
 EMA = 0.9995  # decay of the moving average of G's weights that draws every sample (0: raw G); 0.999: FID 2% higher
-LOSS = "ns"  # ns: non-saturating cross-entropy; hinge; ls: least squares (LSGAN)
+LOSS = "ns"  # ns: non-saturating cross-entropy; hinge; ls: least squares (LSGAN); rp: relativistic pairing
 LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
 LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall linearly to zero (0: constant)
 D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
 SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
 R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
+R2 = 0.0  # weight of the same penalty on G's images, gamma/2 * E||grad D(G(z))||^2 (R3GAN's R2; 0: none)
+TOP_K = 1.0  # G learns from the fraction of fakes D rates most real, falling from 1 to this over the run (1: all)
 CONSISTENCY = 0.0  # weight of D's consistency term E[(D(x) - D(shifted x))^2], real and fake (0: none)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
@@ -166,7 +168,7 @@ def build_training(config, preset):
     discriminator = build_discriminator(config, preset)
     g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
     d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
-    # --loss: ns (cross-entropy), hinge or ls (least squares); utils.gan_losses states each objective.
+    # --loss: ns (cross-entropy), hinge, ls (least squares) or rp (relativistic); utils.gan_losses states each.
     discriminator_loss, generator_loss = utils.gan_losses(config)
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
@@ -176,13 +178,16 @@ def build_training(config, preset):
         batch_size = tf.shape(real_images)[0]
 
         # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))   (--loss ns; hinge and ls: see utils)
-        #           [ - R1/2 * E||grad_x D(x, y)||^2 with --r1 ]
+        #           [ - R1/2 * E||grad_x D(x, y)||^2 with --r1, - R2/2 * E||grad D(G(z, y'), y')||^2 with --r2 ]
         #           [ - consistency * E[(D(x) - D(T(x)))^2 + (D(G(z)) - D(T(G(z))))^2] with --consistency ]
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits, penalty = utils.logits_and_r1(discriminator, conditioned(real_images, real_labels), config.r1)
-            fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
+            real_logits, penalty = utils.logits_and_gradient_penalty(
+                discriminator, conditioned(real_images, real_labels), config.r1)
+            fake_logits, fake_penalty = utils.logits_and_gradient_penalty(
+                discriminator, conditioned(fake_images, fake_labels), config.r2)
+            penalty += fake_penalty
             d_loss = discriminator_loss(real_logits, fake_logits)
             if config.consistency:
                 penalty += utils.consistency_penalty(discriminator, config.consistency, noise_rng, conditioned, [
@@ -192,10 +197,18 @@ def build_training(config, preset):
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
         # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated (--loss ns)
+        #           [ over the top-k fakes by D(G(z)) only, with --top-k ]
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            g_loss = generator_loss(discriminator(conditioned(fake_images, fake_labels), training=True))
+            fake_logits_for_g = discriminator(conditioned(fake_images, fake_labels), training=True)
+            # --loss rp pairs each fake with a real image, so G's loss reads D's logits on the real batch too.
+            real_logits_for_g = (discriminator(conditioned(real_images, real_labels), training=True)
+                                 if utils.loss_needs_real_logits(config) else None)
+            # --top-k f < 1: only the fakes D rates most real count (a share falling from 1 to f over the run).
+            fake_logits_for_g, real_logits_for_g = utils.top_k_logits(
+                config, g_optimizer.iterations, fake_logits_for_g, real_logits_for_g)
+            g_loss = generator_loss(fake_logits_for_g, real_logits_for_g)
             scaled_loss = g_optimizer.scale_loss(g_loss)
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)

@@ -35,7 +35,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
 BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
 # Sample quality (the levers studied in results/README.md; the seed recipe is --loss ns --ema 0)
 EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
-LOSS = "hinge"  # hinge (FID 4.9 against ns's 7.5 at 100 epochs); ns: non-saturating cross-entropy; ls: least squares
+LOSS = "hinge"  # hinge (FID 4.9 against ns's 7.5 at 100 epochs); ns: non-saturating cross-entropy; ls: least squares; rp: relativistic pairing
 LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
 LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall linearly to zero (0: constant)
 D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
@@ -105,7 +105,7 @@ def build_training(config):
     discriminator = build_discriminator(config)
     g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
     d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
-    # --loss: ns (cross-entropy), hinge or ls (least squares); utils.gan_losses states each objective.
+    # --loss: ns (cross-entropy), hinge, ls (least squares) or rp (relativistic); utils.gan_losses states each.
     discriminator_loss, generator_loss = utils.gan_losses(config)
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
@@ -120,7 +120,8 @@ def build_training(config):
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits, penalty = utils.logits_and_r1(discriminator, conditioned(real_images, real_labels), config.r1)
+            real_logits, penalty = utils.logits_and_gradient_penalty(
+                discriminator, conditioned(real_images, real_labels), config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(real_logits, fake_logits)
             scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
@@ -132,7 +133,11 @@ def build_training(config):
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            g_loss = generator_loss(discriminator(conditioned(fake_images, fake_labels), training=True))
+            fake_logits_for_g = discriminator(conditioned(fake_images, fake_labels), training=True)
+            # --loss rp pairs each fake with a real image, so G's loss reads D's logits on the real batch too.
+            real_logits_for_g = (discriminator(conditioned(real_images, real_labels), training=True)
+                                 if utils.loss_needs_real_logits(config) else None)
+            g_loss = generator_loss(fake_logits_for_g, real_logits_for_g)
             scaled_loss = g_optimizer.scale_loss(g_loss)
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)

@@ -137,10 +137,12 @@ _CHECKS = {
     "leaky_slope": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "bn_momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "ema": (lambda v: 0 <= v < 1, "must be in [0, 1) (0: no average)"),
-    "loss": (lambda v: v in ("ns", "hinge", "ls"), "must be ns, hinge or ls"),
+    "loss": (lambda v: v in ("ns", "hinge", "ls", "rp"), "must be ns, hinge, ls or rp"),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     "d_lr_scale": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
+    "r2": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
+    "top_k": (lambda v: 0 < v <= 1, "must be in (0, 1] (1: every fake)"),
     "consistency": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no consistency term) or a positive number"),
     "lr_decay": (lambda v: 0 <= v <= 1, "must be in [0, 1] (0: a constant rate; 1: decay over the whole run)"),
 }
@@ -294,8 +296,8 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
                 raise UsageError(f"argument {_flag(key)}: {requirement}, got {value}")
     if "classes" in names and "dataset" in names and config.dataset in DATASETS:
         parse_classes(config.classes, config.dataset)  # Refuses an unknown class now, before any data is read.
-    if getattr(config, "label_smoothing", 0) and config.loss == "hinge":
-        raise UsageError(f"argument --label-smoothing: applies to the ns and ls losses, not to --loss hinge "
+    if getattr(config, "label_smoothing", 0) and config.loss in ("hinge", "rp"):
+        raise UsageError(f"argument --label-smoothing: applies to the ns and ls losses, not to --loss {config.loss} "
                          f"(got {config.label_smoothing}; add --loss ns or --loss ls)")
     if config.limit and config.batch_size > config.limit:
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the "
@@ -1222,7 +1224,7 @@ def make_optimizer(config, variables, lr_scale=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# The GAN losses (--loss) and the R1 penalty (--r1), on D's logits
+# The GAN losses (--loss) and the gradient penalties (--r1, --r2), on D's logits
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1241,35 +1243,73 @@ def gan_losses(config):
         D minimises E[max(0, 1 - l(x))] + E[max(0, 1 + l(G(z)))], G minimises -E[l(G(z))].
     ls (least squares, Mao et al. 2017), on the logit l:
         D minimises 1/2 E[(l(x) - 1)^2] + 1/2 E[l(G(z))^2], G minimises 1/2 E[(l(G(z)) - 1)^2].
+    rp (relativistic pairing, Jolicoeur-Martineau 2018; Huang et al. 2024's R3GAN), each fake paired
+    with a real image of the batch, f(t) = log(1 + e^t):
+        D minimises E[f(l(G(z)) - l(x))], G minimises E[f(l(x) - l(G(z)))]: each side judges how much
+        more real the real image looks than the fake, so G also gets a signal from the real logits.
     With --label-smoothing s (ns and ls), D's target for real images is 1 - s (one-sided: fakes stay 0).
+    The generator loss takes (fake_logits, real_logits); only rp reads the real logits (see
+    `loss_needs_real_logits`), the others take None.
     """
     real_target = 1.0 - getattr(config, "label_smoothing", 0.0)
     if config.loss == "hinge":
         def discriminator_loss(real_logits, fake_logits):
             return tf.reduce_mean(tf.nn.relu(1.0 - real_logits)) + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))
 
-        def generator_loss(fake_logits):
+        def generator_loss(fake_logits, real_logits=None):
             return -tf.reduce_mean(fake_logits)
     elif config.loss == "ls":
         def discriminator_loss(real_logits, fake_logits):
             return 0.5 * tf.reduce_mean(tf.square(real_logits - real_target)) + 0.5 * tf.reduce_mean(tf.square(fake_logits))
 
-        def generator_loss(fake_logits):
+        def generator_loss(fake_logits, real_logits=None):
             return 0.5 * tf.reduce_mean(tf.square(fake_logits - 1.0))
+    elif config.loss == "rp":
+        def discriminator_loss(real_logits, fake_logits):
+            return tf.reduce_mean(tf.nn.softplus(fake_logits - real_logits))
+
+        def generator_loss(fake_logits, real_logits=None):
+            return tf.reduce_mean(tf.nn.softplus(real_logits - fake_logits))
     else:
         def discriminator_loss(real_logits, fake_logits):
             return _cross_entropy(real_logits, real_target) + _cross_entropy(fake_logits, 0.0)
 
-        def generator_loss(fake_logits):
+        def generator_loss(fake_logits, real_logits=None):
             return _cross_entropy(fake_logits, 1.0)
     return discriminator_loss, generator_loss
 
 
-def logits_and_r1(discriminator, inputs, gamma):
-    """D's logits on real `inputs` and the R1 penalty gamma/2 * E||grad_x l(x)||^2 (Mescheder et al. 2018).
+def loss_needs_real_logits(config):
+    """Whether G's loss reads D's logits on real images too (the relativistic --loss rp)."""
+    return config.loss == "rp"
 
-    `inputs` is the image batch, or [images, one-hot labels] for a conditional D (the gradient is
-    taken with respect to the images only). With gamma 0 the penalty is 0 and costs nothing.
+
+def top_k_logits(config, step, fake_logits, real_logits=None):
+    """G's update from only the fakes that D rates most real (--top-k; Sinha et al. 2020).
+
+    Of the batch's fake logits (N, 1), the k = ceil(f * N) largest are kept, f falling linearly from
+    1 at the first step to `config.top_k` at the run's last (`config.total_steps`): early on D's
+    ranking means little, later the worst samples' gradients mostly pull G towards the modes of the
+    others. With `real_logits` (the relativistic loss) each kept fake keeps its paired real logit.
+    Returns (fake_logits, real_logits); both as given when --top-k is 1.
+    """
+    if getattr(config, "top_k", 1.0) >= 1.0:
+        return fake_logits, real_logits
+    progress = tf.minimum(tf.cast(step, tf.float32) / float(max(getattr(config, "total_steps", 0), 1)), 1.0)
+    fraction = 1.0 - (1.0 - config.top_k) * progress
+    count = tf.shape(fake_logits)[0]
+    k = tf.maximum(tf.cast(tf.math.ceil(fraction * tf.cast(count, tf.float32)), tf.int32), 1)
+    kept = tf.math.top_k(tf.reshape(fake_logits, [-1]), k).indices
+    return tf.gather(fake_logits, kept), None if real_logits is None else tf.gather(real_logits, kept)
+
+
+def logits_and_gradient_penalty(discriminator, inputs, gamma):
+    """D's logits on `inputs` and the gradient penalty gamma/2 * E||grad_x l(x)||^2 at those images.
+
+    On real images it is the R1 penalty (Mescheder et al. 2018; --r1), on fakes the R2 penalty
+    (--r2; R1 and R2 together are Huang et al. 2024's R3GAN recipe). `inputs` is the image batch,
+    or [images, one-hot labels] for a conditional D (the gradient is taken with respect to the
+    images only). With gamma 0 the penalty is 0 and costs nothing.
     """
     if not gamma:
         return discriminator(inputs, training=True), 0.0
@@ -1508,7 +1548,7 @@ def train(config, run, data, build, transform="none"):
           f"{config.precision}, XLA {'on' if config.xla else 'off'}, {config.steps_per_call} steps per call")
     images, labels = data
     steps = len(images) // config.batch_size
-    config.total_steps = config.epochs * steps  # The learning-rate decay's horizon (--lr-decay).
+    config.total_steps = config.epochs * steps  # The horizon of --lr-decay and of --top-k's annealing.
     train_step, state, averaged = build_for_training(config, build)
     generator = state["generator"]
     # --ema: samples, grids, figures and the saved generator come from the averaged weights; the
@@ -1688,16 +1728,19 @@ def forward_flops(model):
     return total
 
 
-def training_flops(generator_flops, discriminator_flops, r1=False, consistency=False):
+def training_flops(generator_flops, discriminator_flops, r1=False, consistency=False, r2=False,
+                   relativistic=False):
     """FLOPs of one image's share of a training step, with backward passes at twice the forward.
 
     D update: G forward, D forward on a real and a fake image, D backward on both: G + 6 D.
     G update: G forward, D forward, D backward to its input only (about 1 D), G backward: 3 G + 2 D.
     With the R1 penalty, D's gradient at the real image (about 1 D) is itself differentiated
-    (about 2 D more): 3 D. The consistency term scores shifted copies of both images and
-    differentiates those scores too: 6 D.
+    (about 2 D more): 3 D; the R2 penalty does the same at the fake image: 3 D. The consistency
+    term scores shifted copies of both images and differentiates those scores too: 6 D. The
+    relativistic loss scores the real batch again in G's update: 1 D.
     """
-    return 4 * generator_flops + (8 + (3 if r1 else 0) + (6 if consistency else 0)) * discriminator_flops
+    extras = (3 if r1 else 0) + (3 if r2 else 0) + (6 if consistency else 0) + (1 if relativistic else 0)
+    return 4 * generator_flops + (8 + extras) * discriminator_flops
 
 
 def matmul_peak(precision, size=2048, repeats=8):
@@ -1769,7 +1812,8 @@ def _time_training(config, data, build, min_seconds=6.0, min_steps=2):
     # Three timing windows; the fastest is the steady state (the others caught the machine busy).
     seconds = min(window() for _ in range(3))
     flops = training_flops(forward_flops(state["generator"]), forward_flops(state["discriminator"]),
-                           r1=config.r1 > 0, consistency=getattr(config, "consistency", 0) > 0)
+                           r1=config.r1 > 0, consistency=getattr(config, "consistency", 0) > 0,
+                           r2=getattr(config, "r2", 0) > 0, relativistic=loss_needs_real_logits(config))
     host, device = _peak_memory_mb()
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device, "window": window}
 

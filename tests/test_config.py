@@ -81,6 +81,9 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (gan_mnist, ["--label-smoothing", "0.7"], "--label-smoothing"),
     (gan_mnist, ["--d-lr-scale", "0"], "--d-lr-scale"),
     (gan_mnist, ["--r1", "-1"], "--r1"),
+    (dcgan_mnist, ["--r2", "inf"], "--r2"),
+    (dcgan_mnist, ["--top-k", "0"], "--top-k"),
+    (dcgan_mnist, ["--loss", "rp", "--label-smoothing", "0.1"], "--label-smoothing"),
     (dcgan_mnist, ["--consistency", "nan"], "--consistency"),
 ])
 def test_bad_flags_are_refused_in_one_line_naming_the_flag(module, argv, flag, capsys):

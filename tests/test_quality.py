@@ -1,5 +1,5 @@
-"""The sample-quality levers: the average of G (--ema), the losses, one-sided label smoothing, R1, consistency,
-spectral norm."""
+"""The sample-quality levers: the average of G (--ema), the losses, one-sided label smoothing, R1 and R2,
+consistency, top-k, spectral norm."""
 
 import json
 
@@ -32,13 +32,26 @@ def sigmoid_cross_entropy(logit, target):
     ("hinge", 0.0, max(0, 1 - 2.0) + max(0, 1 - 1.0), 1.0),  # D: relu(1 - 2) + relu(1 + (-1)); G: -(-1).
     ("ls", 0.0, 0.5 * (2.0 - 1) ** 2 + 0.5 * 1.0, 0.5 * (-1.0 - 1) ** 2),
     ("ls", 0.2, 0.5 * (2.0 - 0.8) ** 2 + 0.5 * 1.0, 0.5 * (-1.0 - 1) ** 2),
+    # rp pairs the fake with the real: D: softplus(-1 - 2), G: softplus(2 - (-1)).
+    ("rp", 0.0, np.log1p(np.exp(-3.0)), np.log1p(np.exp(3.0))),
 ])
 def test_each_loss_computes_its_stated_objective(loss, smoothing, d_expected, g_expected):
     config = config_for(gan_mnist, "--loss", loss, "--label-smoothing", str(smoothing))
     discriminator_loss, generator_loss = utils.gan_losses(config)
     real, fake = utils.tf.constant([[2.0]]), utils.tf.constant([[-1.0]])
     np.testing.assert_allclose(discriminator_loss(real, fake).numpy(), d_expected, rtol=1e-6)
-    np.testing.assert_allclose(generator_loss(fake).numpy(), g_expected, rtol=1e-6)
+    np.testing.assert_allclose(generator_loss(fake, real).numpy(), g_expected, rtol=1e-6)
+    assert utils.loss_needs_real_logits(config) == (loss == "rp")
+
+
+def test_the_relativistic_loss_depends_only_on_the_gap_between_real_and_fake_logits():
+    discriminator_loss, generator_loss = utils.gan_losses(config_for(dcgan_mnist, "--loss", "rp"))
+    real, fake = utils.tf.constant([[2.0], [0.5]]), utils.tf.constant([[-1.0], [1.5]])
+    for shift in (0.0, 7.0):  # Adding the same constant to every logit changes nothing.
+        np.testing.assert_allclose(discriminator_loss(real + shift, fake + shift).numpy(),
+                                   np.mean(np.log1p(np.exp([-3.0, 1.0]))), rtol=1e-5)
+        np.testing.assert_allclose(generator_loss(fake + shift, real + shift).numpy(),
+                                   np.mean(np.log1p(np.exp([3.0, -1.0]))), rtol=1e-5)
 
 
 def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
@@ -47,10 +60,10 @@ def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
     discriminator = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(inputs)))
     w = discriminator.layers[-1].kernel.numpy()
     images = utils.tf.random.normal((5, 28, 28, 1))
-    logits, penalty = utils.logits_and_r1(discriminator, images, 10.0)
+    logits, penalty = utils.logits_and_gradient_penalty(discriminator, images, 10.0)
     np.testing.assert_allclose(penalty.numpy(), 0.5 * 10.0 * np.sum(w ** 2), rtol=1e-5)
     assert logits.shape == (5, 1)
-    assert utils.logits_and_r1(discriminator, images, 0.0)[1] == 0.0
+    assert utils.logits_and_gradient_penalty(discriminator, images, 0.0)[1] == 0.0
 
 
 def test_random_shifts_move_each_image_by_its_own_whole_pixel_offset_within_the_bound():
@@ -143,6 +156,8 @@ def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
     (gan_mnist, ["--loss", "hinge", "--r1", "1", "--spectral-norm", "--d-lr-scale", "2"]),
     (dcgan_mnist, ["--loss", "ls", "--label-smoothing", "0.1", "--r1", "1", "--spectral-norm", "--consistency", "10",
                    "--limit", "64", "--batch-size", "32"]),
+    (dcgan_mnist, ["--loss", "rp", "--r1", "1", "--r2", "1", "--top-k", "0.5", "--spectral-norm",
+                   "--limit", "64", "--batch-size", "32"]),
 ])
 def test_the_levers_train_end_to_end_and_the_raw_generator_is_scored_beside_the_average(tmp_path, mnist_dir,
                                                                                         module, extra):
@@ -228,3 +243,17 @@ def test_the_study_tool_scores_extra_averages_beside_the_runs_own(mnist_dir, tmp
     assert len(rows) == 6 and rows[0]["fid"] == pytest.approx(own["fid"], rel=1e-6)
     assert rows[-1]["fid"] != pytest.approx(own["fid"], rel=1e-3)  # c = 2 keeps far more of the initial weights.
     assert "extra average cap 1.0 c 2 at step 8" in result.stdout
+
+
+def test_top_k_keeps_the_fakes_d_rates_most_real_with_their_paired_reals_and_anneals_over_the_run():
+    config = config_for(dcgan_mnist, "--top-k", "0.5")
+    config.total_steps = 100
+    fake = utils.tf.constant([[0.1], [3.0], [-2.0], [1.0]])
+    real = utils.tf.constant([[10.0], [13.0], [8.0], [11.0]])
+    kept_fake, kept_real = utils.top_k_logits(config, 0, fake, real)  # First step: every fake.
+    assert sorted(kept_fake.numpy().ravel()) == sorted(fake.numpy().ravel())
+    kept_fake, kept_real = utils.top_k_logits(config, 100, fake, real)  # Last step: the best half.
+    np.testing.assert_allclose(kept_fake.numpy().ravel(), [3.0, 1.0])
+    np.testing.assert_allclose(kept_real.numpy().ravel(), [13.0, 11.0])  # Each with its own real image.
+    assert len(utils.top_k_logits(config, 50, fake)[0]) == 3  # Halfway: ceil(0.75 * 4).
+    assert utils.top_k_logits(config_for(dcgan_mnist), 100, fake)[0] is fake  # --top-k 1: untouched.

@@ -91,6 +91,8 @@ def test_flops_are_counted_from_the_layers():
     assert utils.forward_flops(conv) == 2 * 25 * 1 * 64 * 14 * 14 + 2 * 9 * 64 * 8 * 14 * 14
     assert utils.training_flops(10, 1) == 48 and utils.training_flops(10, 1, r1=True) == 51
     assert utils.training_flops(10, 1, r1=True, consistency=True) == 57
+    assert utils.training_flops(10, 1, r1=True, r2=True) == 54
+    assert utils.training_flops(10, 1, relativistic=True) == 49
 
 
 def test_benchmark_prints_the_table(mnist_dir, capsys):
