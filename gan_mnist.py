@@ -142,8 +142,8 @@ def build_training(config):
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)
 
-        return {"d_loss": d_loss, "g_loss": g_loss,
-                "d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
+        # D(x) and D(G(z)) as the progress line shows them (under --loss rp, relative to each other).
+        return {"d_loss": d_loss, "g_loss": g_loss, **utils.discriminator_scores(config, real_logits, fake_logits)}
 
     state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)

@@ -1279,6 +1279,18 @@ def gan_losses(config):
     return discriminator_loss, generator_loss
 
 
+def discriminator_scores(config, real_logits, fake_logits):
+    """{"d_real": D(x), "d_fake": D(G(z))}, batch means, for the progress line and the loss plot.
+
+    D(x) = sigmoid(l(x)). The relativistic loss (rp) fixes no zero for the logits (adding a constant
+    to all of them changes nothing), so there the two are sigmoid(l(x) - l(G(z))) and its complement
+    over the pairs: how surely D ranks each real image above its paired fake (0.5: it cannot tell).
+    """
+    if loss_needs_real_logits(config):
+        real_logits, fake_logits = real_logits - fake_logits, fake_logits - real_logits
+    return {"d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
+
+
 def loss_needs_real_logits(config):
     """Whether G's loss reads D's logits on real images too (the relativistic --loss rp)."""
     return config.loss == "rp"

@@ -54,6 +54,16 @@ def test_the_relativistic_loss_depends_only_on_the_gap_between_real_and_fake_log
                                    np.mean(np.log1p(np.exp([3.0, -1.0]))), rtol=1e-5)
 
 
+def test_d_scores_are_sigmoids_of_the_logits_and_under_rp_of_their_gaps():
+    real, fake = utils.tf.constant([[2.0], [0.0]]), utils.tf.constant([[-1.0], [1.0]])
+    plain = utils.discriminator_scores(config_for(dcgan_mnist), real, fake)
+    np.testing.assert_allclose([plain["d_real"], plain["d_fake"]],
+                               [np.mean(1 / (1 + np.exp([-2.0, 0.0]))), np.mean(1 / (1 + np.exp([1.0, -1.0])))], rtol=1e-6)
+    relative = utils.discriminator_scores(config_for(dcgan_mnist, "--loss", "rp"), real - 50, fake - 50)
+    np.testing.assert_allclose(relative["d_real"], np.mean(1 / (1 + np.exp([-3.0, 1.0]))), rtol=1e-6)
+    np.testing.assert_allclose(relative["d_real"] + relative["d_fake"], 1.0, rtol=1e-6)
+
+
 def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
     # A linear D, l(x) = w . x + b, has grad_x l = w for every image: the penalty is gamma/2 ||w||^2.
     inputs = keras.Input((28, 28, 1))
