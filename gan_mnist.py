@@ -35,7 +35,7 @@ BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
 BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
 # Sample quality (the levers studied in results/README.md; the seed recipe is --loss ns --ema 0)
 EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
-LOSS = "hinge"  # hinge (FID 4.9 against ns's 7.5 at 100 epochs); ns: non-saturating cross-entropy; ls: least squares; rp: relativistic pairing
+LOSS = "hinge"  # hinge (FID 4.9 against ns's 7.5 at 100 epochs); ns: cross-entropy; ls: least squares; rp: relativistic
 LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
 LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall linearly to zero (0: constant)
 D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)

@@ -164,6 +164,7 @@ def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
 
 @pytest.mark.parametrize("module, extra", [
     (gan_mnist, ["--loss", "hinge", "--r1", "1", "--spectral-norm", "--d-lr-scale", "2"]),
+    (gan_mnist, ["--loss", "rp", "--r1", "1", "--spectral-norm"]),
     (dcgan_mnist, ["--loss", "ls", "--label-smoothing", "0.1", "--r1", "1", "--spectral-norm", "--consistency", "10",
                    "--limit", "64", "--batch-size", "32"]),
     (dcgan_mnist, ["--loss", "rp", "--r1", "1", "--r2", "1", "--top-k", "0.5", "--spectral-norm",
