@@ -49,6 +49,7 @@ D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update r
 SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
 R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
 R2 = 0.0  # weight of the same penalty on G's images, gamma/2 * E||grad D(G(z))||^2 (R3GAN's R2; 0: none)
+G_STEPS = 1  # G updates per D update, each on fresh noise (carpedm20's DCGAN-tensorflow runs 2); costs ~50% per epoch
 TOP_K = 1.0  # G learns from the fraction of fakes D rates most real, falling from 1 to this over the run (1: all)
 CONSISTENCY = 0.0  # weight of D's consistency term E[(D(x) - D(shifted x))^2], real and fake (0: none)
 # Bookkeeping
@@ -166,7 +167,7 @@ def build_training(config, preset):
     """
     generator = build_generator(config, preset)
     discriminator = build_discriminator(config, preset)
-    g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
+    g_optimizer = utils.make_optimizer(config, generator.trainable_variables, updates_per_step=config.g_steps)
     d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
     # --loss: ns (cross-entropy), hinge, ls (least squares) or rp (relativistic); utils.gan_losses states each.
     discriminator_loss, generator_loss = utils.gan_losses(config)
@@ -197,21 +198,22 @@ def build_training(config, preset):
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
         # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated (--loss ns)
-        #           [ over the top-k fakes by D(G(z)) only, with --top-k ]
-        noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
-        with tf.GradientTape() as tape:
-            fake_images = generator(conditioned(noise, fake_labels), training=True)
-            fake_logits_for_g = discriminator(conditioned(fake_images, fake_labels), training=True)
-            # --loss rp pairs each fake with a real image, so G's loss reads D's logits on the real batch too.
-            real_logits_for_g = (discriminator(conditioned(real_images, real_labels), training=True)
-                                 if utils.loss_needs_real_logits(config) else None)
-            # --top-k f < 1: only the fakes D rates most real count (a share falling from 1 to f over the run).
-            fake_logits_for_g, real_logits_for_g = utils.top_k_logits(
-                config, g_optimizer.iterations, fake_logits_for_g, real_logits_for_g)
-            g_loss = generator_loss(fake_logits_for_g, real_logits_for_g)
-            scaled_loss = g_optimizer.scale_loss(g_loss)
-        gradients = tape.gradient(scaled_loss, generator.trainable_variables)
-        g_optimizer.apply(gradients, generator.trainable_variables)
+        #           [ over the top-k fakes by D(G(z)) only, with --top-k; --g-steps times, fresh noise each ]
+        for _ in range(config.g_steps):  # A Python loop: the compiled step holds g_steps G updates.
+            noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
+            with tf.GradientTape() as tape:
+                fake_images = generator(conditioned(noise, fake_labels), training=True)
+                fake_logits_for_g = discriminator(conditioned(fake_images, fake_labels), training=True)
+                # --loss rp pairs each fake with a real image, so G's loss reads D's logits on the real batch too.
+                real_logits_for_g = (discriminator(conditioned(real_images, real_labels), training=True)
+                                     if utils.loss_needs_real_logits(config) else None)
+                # --top-k f < 1: only the fakes D rates most real count (a share falling from 1 to f over the run).
+                fake_logits_for_g, real_logits_for_g = utils.top_k_logits(
+                    config, g_optimizer.iterations // config.g_steps, fake_logits_for_g, real_logits_for_g)
+                g_loss = generator_loss(fake_logits_for_g, real_logits_for_g)
+                scaled_loss = g_optimizer.scale_loss(g_loss)
+            gradients = tape.gradient(scaled_loss, generator.trainable_variables)
+            g_optimizer.apply(gradients, generator.trainable_variables)
 
         # D(x) and D(G(z)) as the progress line shows them (under --loss rp, relative to each other).
         return {"d_loss": d_loss, "g_loss": g_loss, **utils.discriminator_scores(config, real_logits, fake_logits)}

@@ -143,6 +143,7 @@ _CHECKS = {
     "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
     "r2": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
     "top_k": (lambda v: 0 < v <= 1, "must be in (0, 1] (1: every fake)"),
+    "g_steps": (lambda v: 1 <= v <= 10, "must be a whole number from 1 to 10"),
     "consistency": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no consistency term) or a positive number"),
     "lr_decay": (lambda v: 0 <= v <= 1, "must be in [0, 1] (0: a constant rate; 1: decay over the whole run)"),
 }
@@ -1204,16 +1205,18 @@ class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"initial": self.initial, "start": self.start, "end": self.end}
 
 
-def make_optimizer(config, variables, lr_scale=1.0):
+def make_optimizer(config, variables, lr_scale=1.0, updates_per_step=1):
     """Adam(lr * lr_scale, beta1, beta2) for `variables`, built now (eagerly, before any traced step creates slots).
 
     With --lr-decay f, the rate is constant for the first 1 - f of the run's `config.total_steps` (set
     by `train`) and falls linearly to zero over the last f; elsewhere (the benchmark) it stays constant.
+    `updates_per_step` is how often this optimizer steps in one training step (G's --g-steps), so
+    that its decay follows the run's training steps rather than its own count.
     Under fp16 it is wrapped in a LossScaleOptimizer, so that small gradients do not underflow: a
     step computes `tape.gradient(optimizer.scale_loss(loss), ...)`, which is the plain loss otherwise.
     """
     learning_rate = config.lr * lr_scale
-    total_steps = getattr(config, "total_steps", 0)
+    total_steps = getattr(config, "total_steps", 0) * updates_per_step
     if config.lr_decay and total_steps:
         learning_rate = LinearDecay(learning_rate, round(total_steps * (1 - config.lr_decay)), total_steps)
     optimizer = keras.optimizers.Adam(learning_rate, beta_1=config.beta1, beta_2=config.beta2)
@@ -1741,7 +1744,7 @@ def forward_flops(model):
 
 
 def training_flops(generator_flops, discriminator_flops, r1=False, consistency=False, r2=False,
-                   relativistic=False):
+                   relativistic=False, g_steps=1):
     """FLOPs of one image's share of a training step, with backward passes at twice the forward.
 
     D update: G forward, D forward on a real and a fake image, D backward on both: G + 6 D.
@@ -1749,10 +1752,12 @@ def training_flops(generator_flops, discriminator_flops, r1=False, consistency=F
     With the R1 penalty, D's gradient at the real image (about 1 D) is itself differentiated
     (about 2 D more): 3 D; the R2 penalty does the same at the fake image: 3 D. The consistency
     term scores shifted copies of both images and differentiates those scores too: 6 D. The
-    relativistic loss scores the real batch again in G's update: 1 D.
+    relativistic loss scores the real batch again in G's update: 1 D. With --g-steps n, G's update
+    (and the relativistic loss's extra D forward) happens n times.
     """
-    extras = (3 if r1 else 0) + (3 if r2 else 0) + (6 if consistency else 0) + (1 if relativistic else 0)
-    return 4 * generator_flops + (8 + extras) * discriminator_flops
+    d_update = generator_flops + (6 + (3 if r1 else 0) + (3 if r2 else 0) + (6 if consistency else 0)) * discriminator_flops
+    g_update = 3 * generator_flops + (2 + (1 if relativistic else 0)) * discriminator_flops
+    return d_update + g_steps * g_update
 
 
 def matmul_peak(precision, size=2048, repeats=8):
@@ -1825,7 +1830,8 @@ def _time_training(config, data, build, min_seconds=6.0, min_steps=2):
     seconds = min(window() for _ in range(3))
     flops = training_flops(forward_flops(state["generator"]), forward_flops(state["discriminator"]),
                            r1=config.r1 > 0, consistency=getattr(config, "consistency", 0) > 0,
-                           r2=getattr(config, "r2", 0) > 0, relativistic=loss_needs_real_logits(config))
+                           r2=getattr(config, "r2", 0) > 0, relativistic=loss_needs_real_logits(config),
+                           g_steps=getattr(config, "g_steps", 1))
     host, device = _peak_memory_mb()
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device, "window": window}
 

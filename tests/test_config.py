@@ -83,6 +83,7 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (gan_mnist, ["--r1", "-1"], "--r1"),
     (dcgan_mnist, ["--r2", "inf"], "--r2"),
     (dcgan_mnist, ["--top-k", "0"], "--top-k"),
+    (dcgan_mnist, ["--g-steps", "0"], "--g-steps"),
     (dcgan_mnist, ["--loss", "rp", "--label-smoothing", "0.1"], "--label-smoothing"),
     (dcgan_mnist, ["--consistency", "nan"], "--consistency"),
 ])

@@ -167,7 +167,7 @@ def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
     (gan_mnist, ["--loss", "rp", "--r1", "1", "--spectral-norm"]),
     (dcgan_mnist, ["--loss", "ls", "--label-smoothing", "0.1", "--r1", "1", "--spectral-norm", "--consistency", "10",
                    "--limit", "64", "--batch-size", "32"]),
-    (dcgan_mnist, ["--loss", "rp", "--r1", "1", "--r2", "1", "--top-k", "0.5", "--spectral-norm",
+    (dcgan_mnist, ["--loss", "rp", "--r1", "1", "--r2", "1", "--top-k", "0.5", "--spectral-norm", "--g-steps", "2",
                    "--limit", "64", "--batch-size", "32"]),
 ])
 def test_the_levers_train_end_to_end_and_the_raw_generator_is_scored_beside_the_average(tmp_path, mnist_dir,
@@ -182,6 +182,26 @@ def test_the_levers_train_end_to_end_and_the_raw_generator_is_scored_beside_the_
     assert final["fid"] != final["raw"]["fid"]  # Two different generators were scored.
     config = json.loads((run_dir / "config.json").read_text())
     assert config["spectral_norm"] is True and config["r1"] == 1.0 and config["ema"] == module.EMA > 0
+
+
+def test_g_steps_updates_g_that_many_times_per_d_update_and_its_decay_follows_the_training_steps():
+    utils.set_precision("fp32")
+    config = config_for(dcgan_mnist, "--g-steps", "2", "--lr-decay", "1", "--batch-size", "4")
+    config.total_steps = 3
+    train_step, state = dcgan_mnist.build_training(config, dcgan_mnist.PRESETS[config.arch])
+    generator_before = [weight.numpy().copy() for weight in state["generator"].trainable_variables]
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
+    utils.tf.function(train_step)(images, np.zeros(4, np.int32))
+    assert int(state["d_optimizer"].iterations) == 1 and int(state["g_optimizer"].iterations) == 2
+    assert any(not np.array_equal(before, after.numpy())
+               for before, after in zip(generator_before, state["generator"].trainable_variables))
+    # After one of the run's three steps, both rates have fallen by a third (G's schedule counts
+    # its two updates per step), and both reach zero at the run's last step.
+    for name in ("d_optimizer", "g_optimizer"):
+        optimizer = state[name]
+        rate = optimizer.learning_rate  # The schedule's value at the optimizer's own count.
+        assert float(rate) == pytest.approx(config.lr * 2 / 3, rel=1e-5), name
+    assert float(state["g_optimizer"]._learning_rate(6)) == 0.0
 
 
 def test_spectral_norm_wraps_every_weight_layer_of_d_and_keeps_the_logit_float32():

@@ -93,6 +93,8 @@ def test_flops_are_counted_from_the_layers():
     assert utils.training_flops(10, 1, r1=True, consistency=True) == 57
     assert utils.training_flops(10, 1, r1=True, r2=True) == 54
     assert utils.training_flops(10, 1, relativistic=True) == 49
+    assert utils.training_flops(10, 1, g_steps=2) == 80  # D's update (16) and G's (32) twice.
+    assert utils.training_flops(10, 1, relativistic=True, g_steps=2) == 82
 
 
 def test_benchmark_prints_the_table(mnist_dir, capsys):
