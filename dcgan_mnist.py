@@ -49,7 +49,7 @@ D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update r
 SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
 R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
 R2 = 0.0  # weight of the same penalty on G's images, gamma/2 * E||grad D(G(z))||^2 (R3GAN's R2; 0: none)
-G_STEPS = 1  # G updates per D update, each on fresh noise (carpedm20's DCGAN-tensorflow runs 2); costs ~50% per epoch
+G_STEPS = 1  # G updates per D update, each on fresh noise (carpedm20's DCGAN-tensorflow runs 2); 2 took 1.6x the time
 TOP_K = 1.0  # G learns from the fraction of fakes D rates most real, falling from 1 to this over the run (1: all)
 CONSISTENCY = 0.0  # weight of D's consistency term E[(D(x) - D(shifted x))^2], real and fake (0: none)
 # Bookkeeping
