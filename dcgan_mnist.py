@@ -14,10 +14,20 @@ with which it learned faster. Samples come from an exponential moving average of
 (--ema); Radford's recipe is --batch-size 128 --lr 2e-4 --beta1 0.5 --r1 0 --ema 0.
 """
 
-import utils  # First: it loads TensorFlow with its start-up chatter muted.
+import errors  # First: it loads TensorFlow with its start-up chatter muted.
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+import bench  # noqa: E402
+import configurator  # noqa: E402
+import sample  # noqa: E402
+import speed  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from gan import (assemble, cross_entropy, d_scores, label_helpers, logits_and_r1_penalty,  # noqa: E402
+                 make_optimizer)
+from run_directory import RunDirectory  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.
@@ -37,25 +47,18 @@ DATASET = "mnist"  # mnist, fashion_mnist or cifar10 (32x32 colour); the presets
 CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
 CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Optimisation
-LR = None  # Adam learning rate for both networks; 28: 1e-3 (the study in results/README.md), 32 and 64: Radford's 2e-4
-BETA1 = None  # Adam beta1 (momentum); Radford's 0.5, as 0.9 made his training oscillate; 28: 0 (the study)
+LR = None  # Adam learning rate for both networks; 28: 1e-3, 32 and 64: Radford's 2e-4
+BETA1 = None  # Adam beta1 (momentum); Radford's 0.5, as 0.9 made his training oscillate; 28: 0, as StyleGAN with R1
 BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
-# Sample quality (levers studied in results/README.md; Radford's: --batch-size 128 --lr 2e-4 --beta1 0.5 --r1 0 --ema 0)
-EMA = 0.9995  # decay of the moving average of G's weights that draws every sample (0: raw G); 0.999: FID 2% higher
-LOSS = "ns"  # ns: non-saturating cross-entropy; hinge; ls: least squares (LSGAN); rp: relativistic pairing
-LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
-LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall linearly to zero (0: constant)
-D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
-SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
-R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
-R2 = 0.0  # weight of the same penalty on G's images, gamma/2 * E||grad D(G(z))||^2 (R3GAN's R2; 0: none)
-G_STEPS = 1  # G updates per D update, each on fresh noise (carpedm20's DCGAN-tensorflow runs 2); 2 took 1.6x the time
-TOP_K = 1.0  # G learns from the fraction of fakes D rates most real, falling from 1 to this over the run (1: all)
-CONSISTENCY = 0.0  # weight of D's consistency term E[(D(x) - D(shifted x))^2], real and fake (0: none)
+# The GAN objective
+LOSS = "ns"  # ns: the non-saturating cross-entropy of Goodfellow et al. and Radford et al.; hinge
+R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images, keeping D smooth (0: none)
+G_STEPS = 1  # G updates per D update, each on fresh noise (carpedm20's DCGAN-tensorflow runs 2)
+EMA = 0.9995  # decay of the moving average of G's weights that draws every sample (0: the raw G)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
-EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: never); ~5 s each on 2 CPU cores
+EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: never)
 
 # The presets: resolution, layer widths, and their own defaults. G projects z to g_start, then
 # each transposed convolution doubles the side, the last one to the dataset's C channels (1 for
@@ -64,17 +67,14 @@ EVAL_EVERY = 5  # score samples every EVAL_EVERY epochs and after the last (0: n
 PRESETS = {
     # Native 28x28. G: z(100) -> 7x7x256 -> 14x14x128 -> 28x28xC.
     #               D: 28x28xC -> 14x14x64 -> 7x7x128 -> 1.
-    # Its learning rate is 5x Radford's (at 5 epochs that lowered the FID by about 40%), an R1
-    # penalty of 1 keeps D smooth on the real digits (about 30% lower again), and half Radford's
-    # batch gives twice the steps in the same 20 epochs, no slower per epoch on the CPU (FID 16-19%
-    # lower at 20 epochs on two seeds), and Adam without momentum (beta1 0, as StyleGAN uses with R1)
-    # lowered it by another 17% at 20 epochs (seed 0); results/README.md.
+    # Radford's layers with the recipe that learned fastest in the study (results/README.md): 5x
+    # his learning rate, an R1 penalty of 1, half his batch (twice the steps), Adam without momentum.
     "28": dict(image_size=28, batch_size=64, latent_dim=100, kernel_size=5, lr=1e-3, beta1=0.0, r1=1.0,
                g_start=(7, 7, 256), g_channels=(128,), d_channels=(64, 128)),
     # The DCGAN_Tensorflow seed, MNIST zero-padded to 32x32.
     #   G: z(200) -> 1x1x512 -> 2x2x256 -> 4x4x128 -> 8x8x64 -> 16x16x32 -> 32x32xC.
     #   D: 32x32xC -> 16x16x32 -> 8x8x64 -> 4x4x128 -> 2x2x256 -> 1.
-    # Its small 4x4 and 2x2 layers ran slower in bf16 than in fp32 on the 2-core CPU (0.84x), so
+    # Its small 4x4 and 2x2 layers ran slower in bf16 than in fp32 on the 2-core CPU, so
     # --precision auto keeps it in fp32 there.
     "32": dict(image_size=32, batch_size=64, latent_dim=200, kernel_size=4, lr=2e-4, beta1=0.5, r1=0.0,
                bf16_on_cpu=False, g_start=(1, 1, 512), g_channels=(256, 128, 64, 32), d_channels=(32, 64, 128, 256)),
@@ -130,7 +130,7 @@ def build_generator(config, preset):
     layers += [keras.layers.Conv2DTranspose(utils.DATASETS[config.dataset].shape[-1], config.kernel_size,
                                             strides=2, padding="same", kernel_initializer=weights()),
                keras.layers.Activation("tanh", dtype="float32")]
-    return utils.assemble(layers, (config.latent_dim,), config, "generator")
+    return assemble(layers, (config.latent_dim,), config, "generator")
 
 
 def build_discriminator(config, preset):
@@ -151,97 +151,100 @@ def build_discriminator(config, preset):
         keras.layers.Flatten(),
         keras.layers.Dense(1, kernel_initializer=weights(), dtype="float32"),      # (N, 1) logit, float32
     ]
-    return utils.assemble(layers, (size, size, utils.DATASETS[config.dataset].shape[-1]), config, "discriminator")
+    return assemble(layers, (size, size, utils.DATASETS[config.dataset].shape[-1]), config, "discriminator")
 
 
 # ------------------------------------------------------------------------------------------------
-# Training
+# The GAN: its losses, and one D update and one G update per training step
 # ------------------------------------------------------------------------------------------------
+
+
+def discriminator_loss(config, real_logits, fake_logits):
+    """D's loss on its logits l, where D(x) = sigmoid(l(x)).
+
+    ns: -[log D(x) + log(1 - D(G(z)))]; hinge: E[max(0, 1 - l(x))] + E[max(0, 1 + l(G(z)))].
+    """
+    if config.loss == "hinge":
+        return tf.reduce_mean(tf.nn.relu(1.0 - real_logits)) + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))
+    return cross_entropy(real_logits, 1.0) + cross_entropy(fake_logits, 0.0)
+
+
+def generator_loss(config, fake_logits):
+    """G's loss. ns: -log D(G(z)), the non-saturating form; hinge: -E[l(G(z))]."""
+    if config.loss == "hinge":
+        return -tf.reduce_mean(fake_logits)
+    return cross_entropy(fake_logits, 1.0)
 
 
 def build_training(config, preset):
     """The two models, their optimizers and one training step: (train_step, state).
 
-    `utils.train` calls it under the chosen precision policy and runs `train_step` inside its
-    compiled loop; `state` is what a checkpoint holds.
+    train.py calls it under the chosen precision policy and runs `train_step` inside its compiled
+    loop; `state` is what a checkpoint holds.
     """
     generator = build_generator(config, preset)
     discriminator = build_discriminator(config, preset)
-    g_optimizer = utils.make_optimizer(config, generator.trainable_variables, updates_per_step=config.g_steps)
-    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
-    # --loss: ns (cross-entropy), hinge, ls (least squares) or rp (relativistic); utils.gan_losses states each.
-    discriminator_loss, generator_loss = utils.gan_losses(config)
+    g_optimizer = make_optimizer(config, generator.trainable_variables)
+    d_optimizer = make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
-    random_labels, conditioned = utils.label_helpers(config, noise_rng)
+    random_labels, conditioned = label_helpers(config, noise_rng)
 
     def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
 
-        # update D: maximize log D(x, y) + log(1 - D(G(z, y'), y'))   (--loss ns; hinge and ls: see utils)
-        #           [ - R1/2 * E||grad_x D(x, y)||^2 with --r1, - R2/2 * E||grad D(G(z, y'), y')||^2 with --r2 ]
-        #           [ - consistency * E[(D(x) - D(T(x)))^2 + (D(G(z)) - D(T(G(z))))^2] with --consistency ]
+        # (1) Update D: maximize log D(x, y) + log(1 - D(G(z, y'), y')) - R1/2 * E||grad_x D(x, y)||^2
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits, penalty = utils.logits_and_gradient_penalty(
-                discriminator, conditioned(real_images, real_labels), config.r1)
-            fake_logits, fake_penalty = utils.logits_and_gradient_penalty(
-                discriminator, conditioned(fake_images, fake_labels), config.r2)
-            penalty += fake_penalty
-            d_loss = discriminator_loss(real_logits, fake_logits)
-            if config.consistency:
-                penalty += utils.consistency_penalty(discriminator, config.consistency, noise_rng, conditioned, [
-                    (real_images, real_labels, real_logits), (fake_images, fake_labels, fake_logits)])
-            scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
+            real_logits, r1_penalty = logits_and_r1_penalty(discriminator, conditioned(real_images, real_labels),
+                                                            config.r1)
+            fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
+            d_loss = discriminator_loss(config, real_logits, fake_logits)
+            scaled_loss = d_optimizer.scale_loss(d_loss + r1_penalty)  # Times the loss scale under fp16.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
-        # update G: maximize log D(G(z, y'), y') on fresh noise, against the D just updated (--loss ns)
-        #           [ over the top-k fakes by D(G(z)) only, with --top-k; --g-steps times, fresh noise each ]
+        # (2) Update G: maximize log D(G(z, y'), y') against the D just updated, G_STEPS times on fresh noise
         for _ in range(config.g_steps):  # A Python loop: the compiled step holds g_steps G updates.
             noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
             with tf.GradientTape() as tape:
                 fake_images = generator(conditioned(noise, fake_labels), training=True)
-                fake_logits_for_g = discriminator(conditioned(fake_images, fake_labels), training=True)
-                # --loss rp pairs each fake with a real image, so G's loss reads D's logits on the real batch too.
-                real_logits_for_g = (discriminator(conditioned(real_images, real_labels), training=True)
-                                     if utils.loss_needs_real_logits(config) else None)
-                # --top-k f < 1: only the fakes D rates most real count (a share falling from 1 to f over the run).
-                fake_logits_for_g, real_logits_for_g = utils.top_k_logits(
-                    config, g_optimizer.iterations // config.g_steps, fake_logits_for_g, real_logits_for_g)
-                g_loss = generator_loss(fake_logits_for_g, real_logits_for_g)
+                g_loss = generator_loss(config, discriminator(conditioned(fake_images, fake_labels), training=True))
                 scaled_loss = g_optimizer.scale_loss(g_loss)
             gradients = tape.gradient(scaled_loss, generator.trainable_variables)
             g_optimizer.apply(gradients, generator.trainable_variables)
 
-        # D(x) and D(G(z)) as the progress line shows them (under --loss rp, relative to each other).
-        return {"d_loss": d_loss, "g_loss": g_loss, **utils.discriminator_scores(config, real_logits, fake_logits)}
+        return {"d_loss": d_loss, "g_loss": g_loss, **d_scores(real_logits, fake_logits)}
 
     state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)
     return train_step, state
 
 
-def main(argv=None):
-    config = utils.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS,
-                                auto_preset=default_arch)
-    run = utils.RunDirectory(config.out)
-    if utils.generate_or_evaluate(config, run):  # --generate N or --evaluate on a trained run.
+def main(argv=None, hooks=None):
+    """Train (or, with --generate, --interpolate, --evaluate or --benchmark, use) a DCGAN; see --help."""
+    config = configurator.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS,
+                                       auto_preset=default_arch)
+    run = RunDirectory(config.out)
+    if sample.generate_or_evaluate(config, run):  # --generate N, --interpolate or --evaluate on a trained run.
         return
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
     preset = PRESETS[config.arch]
     # Steps of ~0.2 s on the CPU: no Python overhead to hide, so one step per call there.
-    utils.resolve_speed_settings(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))
+    speed.resolve(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))
     transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], preset["image_size"])
     data = utils.load_training_images(config, preset["image_size"], transform)  # uint8 (N, S, S, C), labels
 
     def build(settings):
         return build_training(settings, preset)
 
-    utils.benchmark_or_train(config, run, data, build, transform)
+    if config.benchmark:
+        bench.benchmark(config, data, build)
+    else:
+        train.train(config, run, data, build, transform, hooks)
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

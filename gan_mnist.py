@@ -9,11 +9,21 @@ cross-entropy); samples come from an exponential moving average of G's weights (
 The seed recipe is `--loss ns --ema 0`; the study behind these two defaults is in results/README.md.
 """
 
-import utils  # First: it loads TensorFlow with its start-up chatter muted.
+import errors  # First: it loads TensorFlow with its start-up chatter muted.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+import bench  # noqa: E402
+import configurator  # noqa: E402
+import sample  # noqa: E402
+import speed  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from gan import (assemble, cross_entropy, d_scores, label_helpers, logits_and_r1_penalty,  # noqa: E402
+                 make_optimizer)
+from run_directory import RunDirectory  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.
@@ -33,18 +43,14 @@ DROPOUT = 0.3  # dropout after each hidden layer of D, so D cannot memorise the 
 LR = 2e-4  # Adam learning rate for both networks (Radford et al. 2015)
 BETA1 = 0.5  # Adam beta1; the default 0.9 makes the adversarial game oscillate
 BETA2 = 0.999  # Adam beta2, the decay of its squared-gradient average (Adam's default)
-# Sample quality (the levers studied in results/README.md; the seed recipe is --loss ns --ema 0)
-EMA = 0.999  # decay of an exponential moving average of G's weights that draws every sample and figure (0: raw G)
-LOSS = "hinge"  # hinge (FID 4.9 against ns's 7.5 at 100 epochs); ns: cross-entropy; ls: least squares; rp: relativistic
-LABEL_SMOOTHING = 0.0  # one-sided label smoothing: D's target for real images is 1 - this (ns and ls losses)
-LR_DECAY = 0.0  # over this last fraction of the run both learning rates fall linearly to zero (0: constant)
-D_LR_SCALE = 1.0  # D's learning rate is LR times this (a two-timescale update rule when not 1)
-SPECTRAL_NORM = False  # spectral normalisation of D's weight layers (Miyato et al. 2018)
+# The GAN objective (the seed recipe is --loss ns --ema 0)
+LOSS = "hinge"  # hinge: a margin on D's logit, sharper digits here; ns: the seed's non-saturating cross-entropy
 R1 = 0.0  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images (0: none)
+EMA = 0.999  # decay of the moving average of G's weights that draws every sample (0: the raw G)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
-EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: never); ~3 s each on 2 CPU cores
+EVAL_EVERY = 10  # score samples every EVAL_EVERY epochs and after the last (0: never)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,7 +64,7 @@ def build_generator(config):
     With --conditional, G(z, y): the one-hot label y is concatenated to z.
     """
     shape = utils.DATASETS[config.dataset].shape
-    return utils.assemble([                                         # (N, 100), or (N, 110) with y
+    return assemble([                                         # (N, 100), or (N, 110) with y
         keras.layers.Dense(256),                                  # (N, 256)
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dense(512),                                  # (N, 512)
@@ -76,7 +82,7 @@ def build_discriminator(config):
 
     With --conditional, D(x, y): the one-hot label y is concatenated to the flattened image.
     """
-    return utils.assemble([                                         # (N, 784), or (N, 794) with y
+    return assemble([                                         # (N, 784), or (N, 794) with y
         keras.layers.Dense(1024),                                 # (N, 1024)
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dropout(config.dropout),
@@ -90,77 +96,91 @@ def build_discriminator(config):
     ], utils.DATASETS[config.dataset].shape, config, "discriminator", flatten=True)
 
 
+
 # ------------------------------------------------------------------------------------------------
-# Training
+# The GAN: its losses, and one D update and one G update per training step
 # ------------------------------------------------------------------------------------------------
+
+
+def discriminator_loss(config, real_logits, fake_logits):
+    """D's loss on its logits l, where D(x) = sigmoid(l(x)).
+
+    hinge: E[max(0, 1 - l(x))] + E[max(0, 1 + l(G(z)))]; ns: -[log D(x) + log(1 - D(G(z)))].
+    """
+    if config.loss == "hinge":
+        return tf.reduce_mean(tf.nn.relu(1.0 - real_logits)) + tf.reduce_mean(tf.nn.relu(1.0 + fake_logits))
+    return cross_entropy(real_logits, 1.0) + cross_entropy(fake_logits, 0.0)
+
+
+def generator_loss(config, fake_logits):
+    """G's loss. hinge: -E[l(G(z))]; ns: -log D(G(z)), the non-saturating form."""
+    if config.loss == "hinge":
+        return -tf.reduce_mean(fake_logits)
+    return cross_entropy(fake_logits, 1.0)
 
 
 def build_training(config):
     """The two models, their optimizers and one training step: (train_step, state).
 
-    `utils.train` calls it under the chosen precision policy and runs `train_step` inside its
-    compiled loop; `state` is what a checkpoint holds.
+    train.py calls it under the chosen precision policy and runs `train_step` inside its compiled
+    loop; `state` is what a checkpoint holds.
     """
     generator = build_generator(config)
     discriminator = build_discriminator(config)
-    g_optimizer = utils.make_optimizer(config, generator.trainable_variables)
-    d_optimizer = utils.make_optimizer(config, discriminator.trainable_variables, config.d_lr_scale)  # TTUR if != 1
-    # --loss: ns (cross-entropy), hinge, ls (least squares) or rp (relativistic); utils.gan_losses states each.
-    discriminator_loss, generator_loss = utils.gan_losses(config)
+    g_optimizer = make_optimizer(config, generator.trainable_variables)
+    d_optimizer = make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
-    random_labels, conditioned = utils.label_helpers(config, noise_rng)
+    random_labels, conditioned = label_helpers(config, noise_rng)
 
     def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
 
-        # update D: minimize E[max(0, 1 - D(x, y))] + E[max(0, 1 + D(G(z, y'), y'))]   (hinge, D the logit;
-        #           --loss ns: maximize log D(x, y) + log(1 - D(G(z, y'), y')); ls: see utils.gan_losses)
-        #           [ + R1/2 * E||grad_x D(x, y)||^2 with --r1 ]
+        # (1) Update D: minimize E[max(0, 1 - D(x, y))] + E[max(0, 1 + D(G(z, y'), y'))]  (hinge, D the logit;
+        #     ns: maximize log D(x, y) + log(1 - D(G(z, y'), y'))), + R1/2 * E||grad_x D(x, y)||^2 with --r1
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits, penalty = utils.logits_and_gradient_penalty(
-                discriminator, conditioned(real_images, real_labels), config.r1)
+            real_logits, r1_penalty = logits_and_r1_penalty(discriminator, conditioned(real_images, real_labels),
+                                                            config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
-            d_loss = discriminator_loss(real_logits, fake_logits)
-            scaled_loss = d_optimizer.scale_loss(d_loss + penalty)  # Multiplied by the loss scale under fp16, else as is.
+            d_loss = discriminator_loss(config, real_logits, fake_logits)
+            scaled_loss = d_optimizer.scale_loss(d_loss + r1_penalty)  # Times the loss scale under fp16.
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
-        # update G: maximize E[D(G(z, y'), y')] on fresh noise, against the D just updated
-        #           (hinge; --loss ns: maximize log D(G(z, y'), y'))
+        # (2) Update G: maximize E[D(G(z, y'), y')] (hinge; ns: maximize log D(G(z, y'), y')), on fresh
+        #     noise, against the D just updated
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            fake_logits_for_g = discriminator(conditioned(fake_images, fake_labels), training=True)
-            # --loss rp pairs each fake with a real image, so G's loss reads D's logits on the real batch too.
-            real_logits_for_g = (discriminator(conditioned(real_images, real_labels), training=True)
-                                 if utils.loss_needs_real_logits(config) else None)
-            g_loss = generator_loss(fake_logits_for_g, real_logits_for_g)
+            g_loss = generator_loss(config, discriminator(conditioned(fake_images, fake_labels), training=True))
             scaled_loss = g_optimizer.scale_loss(g_loss)
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)
 
-        # D(x) and D(G(z)) as the progress line shows them (under --loss rp, relative to each other).
-        return {"d_loss": d_loss, "g_loss": g_loss, **utils.discriminator_scores(config, real_logits, fake_logits)}
+        return {"d_loss": d_loss, "g_loss": g_loss, **d_scores(real_logits, fake_logits)}
 
     state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)
     return train_step, state
 
 
-def main(argv=None):
-    config = utils.parse_config(__file__, globals(), argv, description=__doc__)
-    run = utils.RunDirectory(config.out)
-    if utils.generate_or_evaluate(config, run):  # --generate N or --evaluate on a trained run.
+def main(argv=None, hooks=None):
+    """Train (or, with --generate, --interpolate, --evaluate or --benchmark, use) the GAN; see --help."""
+    config = configurator.parse_config(__file__, globals(), argv, description=__doc__)
+    run = RunDirectory(config.out)
+    if sample.generate_or_evaluate(config, run):  # --generate N, --interpolate or --evaluate on a trained run.
         return
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
-    utils.resolve_speed_settings(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
-    data = utils.load_training_images(config)       # uint8 images (60000, 28, 28, 1) and labels for MNIST
-    utils.benchmark_or_train(config, run, data, build_training)
+    speed.resolve(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
+    data = utils.load_training_images(config)  # uint8 images (60000, 28, 28, 1) and labels for MNIST
+    if config.benchmark:
+        bench.benchmark(config, data, build_training)
+    else:
+        train.train(config, run, data, build_training, hooks=hooks)
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

@@ -1,4 +1,9 @@
-"""Shared fixtures: the repository on sys.path, real MNIST from $MNIST_DIR, and small IDX writers."""
+"""Shared fixtures and helpers: the repository on sys.path, the real datasets found the way the scripts
+find them, a script's parsed configuration, small IDX writers and subprocess runs.
+
+A dataset that cannot be found skips the tests that need it, with the way to get it; with
+GAN_MNIST_REQUIRE_DATA=1 (as .ci/run sets) it fails them instead, so CI never skips.
+"""
 
 import gzip
 import os
@@ -12,14 +17,76 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cifar10  # noqa: E402
+import configurator  # noqa: E402
+import speed  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import utils  # noqa: E402
+
+HOW_TO_GET = {
+    "mnist": "set MNIST_DIR to a directory with the four MNIST IDX files, or run a script once to download them",
+    "fashion_mnist": "apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR",
+    "cifar10": "set CIFAR10_DIR to the cifar-10-batches-py directory, or run a script with --dataset cifar10 once",
+}
+
+
+def _missing(dataset):
+    message = f"no {dataset} data found: {HOW_TO_GET[dataset]}"
+    if os.environ.get("GAN_MNIST_REQUIRE_DATA") == "1":
+        pytest.fail(message + " (GAN_MNIST_REQUIRE_DATA=1: a missing dataset fails instead of skipping)")
+    pytest.skip(message)
+
+
+def dataset_dir(dataset):
+    """The directory the scripts would read `dataset`'s test split from (no download), or skip / fail."""
+    if dataset == "cifar10":
+        files, _ = cifar10.locate("test")
+    else:
+        files, _ = utils.locate_idx_dataset(dataset, "test")
+    if not files:
+        _missing(dataset)
+    return Path(files[0]).parent
+
 
 @pytest.fixture(scope="session")
 def mnist_dir():
-    """The real MNIST files; the smoke runs train on them. CI sets MNIST_DIR=../shared/data/mnist."""
-    directory = os.environ.get("MNIST_DIR")
-    if not directory or not (Path(directory) / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail("set MNIST_DIR to a directory with the four MNIST IDX files (for example ../shared/data/mnist)")
-    return Path(directory)
+    """The real MNIST, where the scripts find it ($MNIST_DIR, data/mnist/, Keras's cache)."""
+    directory = dataset_dir("mnist")
+    if not (directory / "train-images-idx3-ubyte.gz").is_file() and not (directory / "mnist.npz").is_file():
+        _missing("mnist")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fashion_dir():
+    """The real Fashion-MNIST ($FASHION_MNIST_DIR, data/fashion_mnist/, Debian's copy, Keras's cache)."""
+    return dataset_dir("fashion_mnist")
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    """The real CIFAR-10's cifar-10-batches-py ($CIFAR10_DIR, data/cifar10/, Keras's cache)."""
+    return dataset_dir("cifar10")
+
+
+def parse(module, *argv):
+    """The configuration `module.main` would parse from `argv` (before the speed settings are resolved)."""
+    return configurator.parse_config(module.__file__, vars(module), list(argv),
+                                     presets=getattr(module, "PRESETS", None),
+                                     auto_preset=getattr(module, "default_arch", None))
+
+
+def config_for(module, *argv):
+    """`parse`, with --precision auto, --xla and --steps-per-call resolved as on this machine."""
+    return speed.resolve(parse(module, *argv), default_steps_per_call=1)
+
+
+@pytest.fixture
+def float32_policy_afterwards():
+    """Restore what building a model for training changes globally: the precision policy, the remapper."""
+    yield
+    speed.set_precision("fp32")
+    tf.config.optimizer.set_experimental_options({"remapping": True})
 
 
 def idx_bytes(array, magic):

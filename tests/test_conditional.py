@@ -5,28 +5,32 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import dcgan_mnist
+import errors
+import gan
 import gan_mnist
+import train
 import utils
+from conftest import parse
 
 QUICK = ["--conditional", "--epochs", "1", "--limit", "128", "--batch-size", "32", "--num-samples", "200"]
 
 
 def config_for(module, *argv):
-    return utils.parse_config(module.__file__, vars(module), ["--conditional", *argv],
-                              presets=getattr(module, "PRESETS", None), auto_preset=getattr(module, "default_arch", None))
+    return parse(module, "--conditional", *argv)
 
 
 @pytest.mark.parametrize("classes, expected", [("", list(range(10))), ("3,9", [3, 9])])
 def test_drawn_labels_cover_every_class_in_play_the_last_included(classes, expected):
     config = config_for(gan_mnist, "--classes", classes) if classes else config_for(gan_mnist)
-    random_labels, conditioned = utils.label_helpers(config, utils.tf.random.Generator.from_seed(0))
+    random_labels, conditioned = gan.label_helpers(config, tf.random.Generator.from_seed(0))
     labels = random_labels(5000).numpy()
     assert sorted(set(labels.tolist())) == expected
     counts = np.bincount(labels)[expected]
     assert counts.min() > 0.8 * 5000 / len(expected)  # Roughly uniform.
-    image, one_hot = conditioned(utils.tf.zeros((4, 28, 28, 1)), utils.tf.constant([0, 3, 9, 9]))
+    image, one_hot = conditioned(tf.zeros((4, 28, 28, 1)), tf.constant([0, 3, 9, 9]))
     assert one_hot.shape == (4, 10) and one_hot.numpy().argmax(axis=1).tolist() == [0, 3, 9, 9]
 
 
@@ -36,10 +40,10 @@ def test_conditional_models_take_a_label(module):
     preset = [module.PRESETS["28"]] if module is dcgan_mnist else []
     generator = module.build_generator(config, *preset)
     discriminator = module.build_discriminator(config, *preset)
-    noise, labels = np.zeros((3, config.latent_dim), np.float32), utils.one_hot([0, 5, 9], config)
+    noise, labels = np.zeros((3, config.latent_dim), np.float32), gan.one_hot([0, 5, 9], config)
     images = generator([noise, labels])
     assert images.shape == (3, 28, 28, 1)
-    assert discriminator([images, utils.tf.constant(labels)]).shape == (3, 1)
+    assert discriminator([images, tf.constant(labels)]).shape == (3, 1)
     unconditional = module.build_generator(config_for(module, "--no-conditional"), *preset)
     assert len(unconditional.inputs) == 1
 
@@ -47,7 +51,7 @@ def test_conditional_models_take_a_label(module):
 def test_every_class_is_in_the_training_batches(mnist_dir):
     config = config_for(gan_mnist, "--data-dir", str(mnist_dir), "--limit", "600", "--batch-size", "100")
     _, labels = utils.load_training_images(config)
-    batches = utils.epoch_batches(config.seed, 1, len(labels), 6, 100)
+    batches = train.epoch_batches(config.seed, 1, len(labels), 6, 100)
     assert sorted(set(labels[batches.ravel()].tolist())) == list(range(10))
 
 
@@ -67,7 +71,7 @@ def test_a_conditional_run_has_a_row_per_class_and_generates_a_requested_label(t
     with np.load(npz, allow_pickle=False) as archive:
         assert archive["images"].shape == (12, 28, 28)
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(module.main, ["--out", str(run_dir), "--generate", "4", "--label", "10"])
+        errors.run_main(module.main, ["--out", str(run_dir), "--generate", "4", "--label", "10"])
     assert exit_status.value.code == 2
     assert "--label: 10 is not a class this run was trained on" in capsys.readouterr().err
 
@@ -78,13 +82,13 @@ def test_labels_requested_from_a_class_subset_run(tmp_path, mnist_dir, capsys):
     assert iio.imread(run_dir / "epoch_001.png").shape == (2 * 30 + 2, 10 * 30 + 2)  # Rows for 1 and 7 only.
     assert list(json.loads((run_dir / "metrics.json").read_text())["figures"]["label_accuracy_per_class"]) == ["1", "7"]
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--out", str(run_dir), "--generate", "4", "--label", "3"])
+        errors.run_main(gan_mnist.main, ["--out", str(run_dir), "--generate", "4", "--label", "3"])
     assert exit_status.value.code == 2
 
 
 def test_label_needs_generate_or_interpolate(capsys):
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--label", "3"])
+        errors.run_main(gan_mnist.main, ["--label", "3"])
     assert exit_status.value.code == 2 and "--label: only used with --generate" in capsys.readouterr().err
 
 

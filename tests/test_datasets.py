@@ -6,44 +6,29 @@ import os
 import pickle
 import shutil
 import tarfile
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import cifar10
+import downloads
+import errors
 import utils
-
-FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
-
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
+    """Each test sees only the data it names: no dataset variables, an empty Keras cache, no real mirror."""
     for name in ("FASHION_MNIST_DIR", "CIFAR10_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     monkeypatch.setenv("FASHION_MNIST_MIRROR", "http://127.0.0.1:9/")
     monkeypatch.setenv("CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    monkeypatch.setattr(utils, "REPO_DIR", tmp_path / "repo")
+    monkeypatch.setattr(downloads, "DATA_ROOT", tmp_path / "repo" / "data")
 
 
-@pytest.fixture(scope="session")
-def fashion_dir():
-    if not (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail("install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-    return FASHION_SYSTEM_DIR
-
-
-@pytest.fixture(scope="session")
-def cifar_dir():
-    directory = Path(os.environ.get("CIFAR10_DIR", CIFAR_DIR))
-    if not (directory / "data_batch_1").is_file():
-        pytest.fail("set CIFAR10_DIR to the real cifar-10-batches-py (../shared/data/cifar10/cifar-10-batches-py)")
-    return directory
-
-
-def test_fashion_mnist_is_found_where_debian_installs_it(fashion_dir):
-    images, labels = utils.load_fashion_mnist("test")  # No flag, no variable: the system copy.
+def test_fashion_mnist_is_found_where_the_scripts_look(fashion_dir):
+    images, labels = utils.load_fashion_mnist("test", fashion_dir)
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
 
@@ -53,18 +38,18 @@ def test_fashion_mnist_download_from_a_local_mirror_is_verified(tmp_path, fashio
     mirror.mkdir()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(fashion_dir / name, mirror / name)
-    monkeypatch.setattr(utils.IDX_DATASETS["fashion_mnist"], "system_dirs", ())
+    monkeypatch.setattr(downloads.IDX_DATASETS["fashion_mnist"], "system_dirs", ())
     monkeypatch.setenv("FASHION_MNIST_MIRROR", mirror.as_uri())
     images, _ = utils.load_fashion_mnist("test", tmp_path / "downloaded", limit=5)
     assert images.shape == (5, 28, 28)
     (mirror / "t10k-images-idx3-ubyte.gz").write_bytes(b"tampered")
-    with pytest.raises(utils.DataError, match="SHA-256"):
+    with pytest.raises(errors.DataError, match="SHA-256"):
         utils.load_fashion_mnist("test", tmp_path / "again")
     assert not any((tmp_path / "again").iterdir())
 
 
 def test_real_cifar10_reads_as_colour_images_with_balanced_classes(cifar_dir):
-    images, labels = utils.load_cifar10("test", cifar_dir)
+    images, labels = cifar10.load("test", cifar_dir)
     assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
     # Channel order is red, green, blue: the test set's mean colour is reddish-grey, blue lowest.
@@ -89,7 +74,7 @@ def write_cifar(directory, batch=None, raw=None, name="test_batch"):
 def test_a_small_cifar_batch_round_trips(tmp_path):
     batch = cifar_batch(5)
     write_cifar(tmp_path, batch)
-    images, labels = utils.load_cifar10("test", tmp_path)
+    images, labels = cifar10.load("test", tmp_path)
     assert images.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(images[2, :, :, 1], batch[b"data"][2, 1024:2048].reshape(32, 32))
 
@@ -107,8 +92,8 @@ class RunsACommand:
 def test_the_restricted_unpickler_refuses_a_malicious_pickle(tmp_path):
     marker = tmp_path / "pwned"
     path = write_cifar(tmp_path / "data", raw=pickle.dumps({b"data": RunsACommand(marker), b"labels": [0]}))
-    with pytest.raises(utils.DataError, match=r"refused to unpickle (posix|os)\.system") as error:
-        utils.load_cifar10("test", tmp_path / "data")
+    with pytest.raises(errors.DataError, match=r"refused to unpickle (posix|os)\.system") as error:
+        cifar10.load("test", tmp_path / "data")
     assert str(path) in str(error.value)
     assert not marker.exists()  # The command never ran.
 
@@ -124,8 +109,8 @@ def test_the_restricted_unpickler_refuses_a_malicious_pickle(tmp_path):
 ])
 def test_corrupt_cifar_batches_get_one_clear_error(tmp_path, make, fault):
     path = make(tmp_path)
-    with pytest.raises(utils.DataError) as error:
-        utils.load_cifar10("test", tmp_path)
+    with pytest.raises(errors.DataError) as error:
+        cifar10.load("test", tmp_path)
     assert fault in str(error.value) and str(path) in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -133,7 +118,7 @@ def test_corrupt_cifar_batches_get_one_clear_error(tmp_path, make, fault):
 def cifar_archive(path):
     """A tar.gz laid out like the official one, with small batches."""
     with tarfile.open(path, "w:gz") as tar:
-        for name in utils.CIFAR10_FILES["train"] + utils.CIFAR10_FILES["test"] + ("batches.meta",):
+        for name in cifar10.FILES["train"] + cifar10.FILES["test"] + ("batches.meta",):
             data = pickle.dumps(cifar_batch(3) if name != "batches.meta" else {b"label_names": []}, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
@@ -145,18 +130,18 @@ def test_cifar_download_from_a_local_archive_is_verified_and_extracted(tmp_path,
     archive = tmp_path / "cifar-10-python.tar.gz"
     monkeypatch.setattr(utils, "CIFAR10_SHA256", cifar_archive(archive))
     monkeypatch.setenv("CIFAR10_URL", archive.as_uri())
-    images, labels = utils.load_cifar10("train", tmp_path / "downloaded")
+    images, labels = cifar10.load("train", tmp_path / "downloaded")
     assert images.shape == (15, 32, 32, 3) and len(labels) == 15
     assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == sorted(
-        utils.CIFAR10_FILES["train"] + utils.CIFAR10_FILES["test"] + ("batches.meta",))
+        cifar10.FILES["train"] + cifar10.FILES["test"] + ("batches.meta",))
 
 
 def test_cifar_download_with_a_wrong_checksum_leaves_nothing(tmp_path, monkeypatch):
     archive = tmp_path / "cifar-10-python.tar.gz"
     cifar_archive(archive)
     monkeypatch.setenv("CIFAR10_URL", archive.as_uri())  # The real archive's hash will not match.
-    with pytest.raises(utils.DataError, match="CIFAR-10 download failed.*SHA-256"):
-        utils.load_cifar10("train", tmp_path / "downloaded")
+    with pytest.raises(errors.DataError, match="CIFAR-10 download failed.*SHA-256"):
+        cifar10.load("train", tmp_path / "downloaded")
     assert list((tmp_path / "downloaded").iterdir()) == []
 
 
@@ -200,23 +185,25 @@ def test_each_script_trains_on_each_dataset(tmp_path, fashion_dir, cifar_dir, mo
 
 
 def test_classes_filter_by_name_and_index(cifar_dir, capsys):
-    config = utils.SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile, 9")
+    config = SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile, 9")
     images, labels = utils.load_dataset(config, "test")
     assert sorted(set(labels.tolist())) == [1, 9] and len(images) == 2000
-    config = utils.SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile")
+    config = SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile")
     assert len(utils.load_dataset(config, "train")[0]) == 5000
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--dataset", "cifar10", "--classes", "unicorn"])
+        errors.run_main(gan_mnist.main, ["--dataset", "cifar10", "--classes", "unicorn"])
     assert exit_status.value.code == 2
     error = capsys.readouterr().err
     assert "--classes: 'unicorn' is not a cifar10 class" in error and "automobile" in error
-    with pytest.raises(SystemExit):
-        utils.run_main(gan_mnist.main, ["--classes", "10"])  # MNIST has 0..9.
+    with pytest.raises(SystemExit) as exit_status:
+        errors.run_main(gan_mnist.main, ["--classes", "10"])  # MNIST has 0..9.
+    assert exit_status.value.code == 2
+    assert "--classes: '10' is not a mnist class; use 0..9" in capsys.readouterr().err
 
 
 def test_evaluation_works_in_colour_and_on_a_class_subset(tmp_path, cifar_dir):
-    train, train_labels = utils.load_cifar10("train", cifar_dir, limit=3000)
-    test, test_labels = utils.load_cifar10("test", cifar_dir, limit=1000)
+    train, train_labels = cifar10.load("train", cifar_dir, limit=3000)
+    test, test_labels = cifar10.load("test", cifar_dir, limit=1000)
     evaluator = evaluation.Evaluator.load_or_train(tmp_path, train, train_labels, test, test_labels,
                                                    classes=[1, 9], log=lambda message: None, epochs=1)
     assert evaluator.shape == (32, 32, 3) and evaluator.classes == [1, 9]

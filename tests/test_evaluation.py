@@ -8,13 +8,14 @@ import pytest
 
 import evaluation
 import gan_mnist
+import sample
 import utils
 
 
 @pytest.fixture(scope="session")
 def evaluator(mnist_dir):
     """The cached evaluator (trained once per machine, about two minutes, then loaded in a second)."""
-    return utils.load_evaluator("mnist", mnist_dir)
+    return sample.load_evaluator("mnist", mnist_dir)
 
 
 @pytest.fixture(scope="session")

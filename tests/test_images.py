@@ -6,6 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+import train
 import utils
 
 
@@ -74,8 +75,8 @@ def test_save_png_and_gif_round_trip(tmp_path):
 
 
 def test_plot_history_writes_a_png(tmp_path):
-    history = {"iterations": {key: list(np.linspace(0.1, 0.9, 20)) for key in utils.METRICS},
-               "epochs": [{"epoch": e, **{key: 0.5 for key in utils.METRICS}} for e in (1, 2)]}
+    history = {"iterations": {key: list(np.linspace(0.1, 0.9, 20)) for key in train.METRICS},
+               "epochs": [{"epoch": e, **{key: 0.5 for key in train.METRICS}} for e in (1, 2)]}
     utils.plot_history(tmp_path / "losses.png", history)
     picture = iio.imread(tmp_path / "losses.png")
     assert picture.shape[0] > 300 and picture.shape[1] > 300

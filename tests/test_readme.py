@@ -7,22 +7,17 @@ import pytest
 
 import dcgan_mnist
 import gan_mnist
-import utils
-from conftest import REPO
+from conftest import REPO, parse
 
 README = (REPO / "README.md").read_text()
 SCRIPTS = {"gan_mnist.py": gan_mnist, "dcgan_mnist.py": dcgan_mnist}
 
 
-def parse(module, argv):
-    """The script's resolved config for `argv`, as its main() would parse it."""
-    return utils.parse_config(module.__file__, vars(module), argv, presets=getattr(module, "PRESETS", None),
-                              auto_preset=getattr(module, "default_arch", None))
 
 
 def help_text(module, capsys):
     with pytest.raises(SystemExit):
-        parse(module, ["--help"])
+        parse(module, "--help")
     return capsys.readouterr().out
 
 
@@ -41,7 +36,7 @@ def test_every_quoted_command_parses(capsys):
         argv = shlex.split(arguments)
         if "--help" in argv:
             continue
-        parse(module, argv)
+        parse(module, *argv)
 
 
 def test_every_file_the_readme_names_exists():
@@ -75,7 +70,7 @@ def test_every_picture_and_file_the_readme_links_exists_and_the_showcase_opens_i
 def test_the_parameter_counts_the_readme_gives_are_the_models(row, module, argv):
     line = next(line for line in README.splitlines() if line.startswith(f"| {row} |"))
     quoted = [int(count.replace(",", "")) for count in re.findall(r"[\d,]{5,}", line.split("|")[2])]
-    config = parse(module, argv)
+    config = parse(module, *argv)
     if module is dcgan_mnist:
         preset = dcgan_mnist.PRESETS[config.arch]
         models = dcgan_mnist.build_generator(config, preset), dcgan_mnist.build_discriminator(config, preset)

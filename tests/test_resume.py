@@ -12,10 +12,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import dcgan_mnist
+import errors
 import gan_mnist
-import utils
+import run_directory
+import sample
+import train
 from conftest import REPO
 
 QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]
@@ -62,7 +66,7 @@ def test_resume_with_other_settings_is_refused_and_the_checkpoint_untouched(tmp_
     before = checkpoint_files(run_dir)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(module.main, ["--resume", "--epochs", "2", "--out", str(run_dir)] + change)
+        errors.run_main(module.main, ["--resume", "--epochs", "2", "--out", str(run_dir)] + change)
     assert exit_status.value.code == 2
     error = capsys.readouterr().err
     assert named in error and error.count("\n") == 1
@@ -75,7 +79,7 @@ def test_an_existing_run_is_not_clobbered_without_resume_or_overwrite(tmp_path, 
     gan_mnist.main(flags + ["--epochs", "2"])
     first_grid = (run_dir / "epoch_001.png").read_bytes()
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, flags + ["--epochs", "1", "--seed", "4"])
+        errors.run_main(gan_mnist.main, flags + ["--epochs", "1", "--seed", "4"])
     assert exit_status.value.code == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert (run_dir / "epoch_001.png").read_bytes() == first_grid and (run_dir / "epoch_002.png").exists()
@@ -88,12 +92,12 @@ def test_an_existing_run_is_not_clobbered_without_resume_or_overwrite(tmp_path, 
 
 def test_resume_without_a_checkpoint_and_past_the_end_are_refused(tmp_path, mnist_dir, capsys):
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--resume", "--out", str(tmp_path / "none")])
+        errors.run_main(gan_mnist.main, ["--resume", "--out", str(tmp_path / "none")])
     assert exit_status.value.code == 2 and "no checkpoint" in capsys.readouterr().err
     run_dir = tmp_path / "run"
     gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
+        errors.run_main(gan_mnist.main, ["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
     assert exit_status.value.code == 2 and "already trained 1 epochs" in capsys.readouterr().err
 
 
@@ -170,36 +174,34 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(tmp_path, mnist_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_dir, monkeypatch, capsys):
-    original = utils.compile_steps
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_dir, capsys):
+    class FaultAtTheFifthCall(train.Hooks):
+        def calls(self, train_steps):
+            calls = []
 
-    def compile_with_a_fault(*args):
-        train_steps, calls = original(*args), []
+            def faulty(indices):
+                calls.append(1)
+                values = train_steps(indices).numpy()
+                if len(calls) == 5:  # The fifth call of one step: epoch 2, step 2.
+                    values[0, train.METRICS.index("g_loss")] = float("nan")
+                return tf.constant(values)
 
-        def faulty(indices):
-            calls.append(1)
-            values = train_steps(indices).numpy()
-            if len(calls) == 5:  # The fifth call of one step: epoch 2, step 2.
-                values[0, utils.METRICS.index("g_loss")] = float("nan")
-            return utils.tf.constant(values)
+            return faulty
 
-        return faulty
-
-    monkeypatch.setattr(utils, "compile_steps", compile_with_a_fault)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, QUICK + ["--epochs", "3", "--steps-per-call", "1", "--data-dir", str(mnist_dir),
-                                                "--out", str(run_dir)])
+        errors.run_main(lambda argv: gan_mnist.main(argv, hooks=FaultAtTheFifthCall()),
+                        QUICK + ["--epochs", "3", "--steps-per-call", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
     assert exit_status.value.code == 1
     error = capsys.readouterr().err
     assert "g_loss is nan at epoch 2, step 2" in error and "ckpt-3, is kept" in error
-    assert Path(utils.tf.train.latest_checkpoint(run_dir / "checkpoints")).name == "ckpt-3"  # End of epoch 1.
+    assert Path(tf.train.latest_checkpoint(run_dir / "checkpoints")).name == "ckpt-3"  # End of epoch 1.
     assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1]
 
 
 def test_an_absurd_learning_rate_is_caught_by_the_guard(tmp_path, mnist_dir, capsys):
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, QUICK + ["--epochs", "2", "--lr", "1e30", "--data-dir", str(mnist_dir),
+        errors.run_main(gan_mnist.main, QUICK + ["--epochs", "2", "--lr", "1e30", "--data-dir", str(mnist_dir),
                                                 "--out", str(tmp_path / "run")])
     assert exit_status.value.code == 1
     assert "training diverged" in capsys.readouterr().err
@@ -211,12 +213,12 @@ def test_a_generator_file_with_code_in_it_is_refused(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda z: z * 2)])
     model.save(run_dir / "generator.keras")
     (run_dir / "config.json").write_text("{}")
-    with pytest.raises(utils.DataError, match="cannot load the generator"):
-        utils.load_trained_generator(utils.RunDirectory(run_dir))
+    with pytest.raises(errors.DataError, match="cannot load the generator"):
+        sample.load_trained_generator(run_directory.RunDirectory(run_dir))
 
 
 def test_nothing_is_loaded_with_pickle_or_outside_keras_safe_mode():
-    """No plain unpickling anywhere (CIFAR-10 goes through utils._CifarUnpickler only), numpy without
+    """No plain unpickling anywhere (CIFAR-10 goes through cifar10._CifarUnpickler only), numpy without
     pickles, Keras in safe mode."""
     for path in [*REPO.glob("*.py")]:
         tree = ast.parse(path.read_text())
@@ -224,7 +226,7 @@ def test_nothing_is_loaded_with_pickle_or_outside_keras_safe_mode():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(name.split(".")[0] in ("cPickle", "dill", "joblib") for name in names), path
-                assert "pickle" not in names or path.name == "utils.py", path
+                assert "pickle" not in names or path.name == "cifar10.py", path
             if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "pickle":
                 assert node.attr in ("Unpickler", "UnpicklingError"), f"{path}:{node.lineno} pickle.{node.attr}"
             if isinstance(node, ast.ClassDef) and any(getattr(b, "attr", "") == "Unpickler" for b in node.bases):

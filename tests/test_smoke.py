@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import dcgan_mnist
+import errors
 import gan_mnist
-import utils
+import train
 
 RUN_FILES = ("config.json", "real_samples.png", "random_samples.png", "history.json", "losses.png",
              "progress.gif", "generator.keras", "metrics.json", "metrics.png")
@@ -28,7 +29,7 @@ def check_run(run_dir, epochs, steps_per_epoch, tile, images, grid=10, padding=2
     assert iio.imread(run_dir / "progress.gif", index=None).shape[:3] == (epochs, side, side)
 
     history = json.loads((run_dir / "history.json").read_text())
-    for key in utils.METRICS:
+    for key in train.METRICS:
         assert len(history["iterations"][key]) == epochs * steps_per_epoch
         assert all(np.isfinite(history["iterations"][key]))
     assert [e["epoch"] for e in history["epochs"]] == list(range(1, epochs + 1))
@@ -79,7 +80,7 @@ def test_dcgan_preset_trains_writes_every_output_and_generates(tmp_path, mnist_d
 
 def test_generate_without_a_trained_run_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(dcgan_mnist.main, ["--out", str(tmp_path / "nothing"), "--generate", "4"])
+        errors.run_main(dcgan_mnist.main, ["--out", str(tmp_path / "nothing"), "--generate", "4"])
     assert exit_status.value.code == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "generator.keras: no trained generator" in error
@@ -89,19 +90,24 @@ def test_unwritable_run_directory_is_reported_before_training(tmp_path, mnist_di
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--epochs", "1", "--limit", "100", "--data-dir", str(mnist_dir),
+        errors.run_main(gan_mnist.main, ["--epochs", "1", "--limit", "100", "--data-dir", str(mnist_dir),
                                         "--out", str(blocker / "run")])
     assert exit_status.value.code == 1
     assert "cannot write the run directory" in capsys.readouterr().err
 
 
-def test_the_step_is_traced_once_whatever_the_length_of_a_call(tmp_path, mnist_dir, monkeypatch):
+def test_the_step_is_traced_once_whatever_the_length_of_a_call(tmp_path, mnist_dir):
     """100 images in batches of 32: 3 steps per epoch, run 2 at a time, so calls of 2 and then 1 steps."""
     compiled = []
-    original = utils.compile_steps
-    monkeypatch.setattr(utils, "compile_steps", lambda *args: compiled.append(original(*args)) or compiled[-1])
+
+    class RecordCalls(train.Hooks):
+        def calls(self, train_steps):
+            compiled.append(train_steps)
+            return train_steps
+
     gan_mnist.main(["--epochs", "2", "--limit", "100", "--batch-size", "32", "--steps-per-call", "2",
-                    "--eval-every", "0", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")])
+                    "--eval-every", "0", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")],
+                   hooks=RecordCalls())
     assert len(compiled) == 1 and compiled[0].experimental_get_tracing_count() == 1
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["iterations"]["d_loss"]) == 2 * 3  # The ragged 4 images are dropped each epoch.

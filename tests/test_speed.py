@@ -6,33 +6,29 @@ from types import SimpleNamespace
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+import bench
 import dcgan_mnist
+import errors
 import gan_mnist
+import run_directory
+import sample
+import speed
+import train
 import utils
+from conftest import config_for
+
+pytestmark = pytest.mark.usefixtures("float32_policy_afterwards")
 
 TINY = ["--limit", "128", "--batch-size", "32", "--eval-every", "0", "--epochs", "1"]
-
-
-def config_for(module, *argv):
-    presets = getattr(module, "PRESETS", None)
-    config = utils.parse_config(module.__file__, vars(module), list(argv), presets=presets,
-                              auto_preset=getattr(module, "default_arch", None))
-    return utils.resolve_speed_settings(config, default_steps_per_call=1)
-
-
-@pytest.fixture(autouse=True)
-def float32_policy_afterwards():
-    yield
-    utils.set_precision("fp32")
-    utils.tf.config.optimizer.set_experimental_options({"remapping": True})
 
 
 @pytest.mark.parametrize("precision, compute, scaled", [("fp32", "float32", False), ("bf16", "bfloat16", False),
                                                         ("fp16", "float16", True)])
 def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, compute, scaled):
     config = config_for(gan_mnist, "--precision", precision)
-    train_step, state, _ = utils.build_for_training(config, gan_mnist.build_training)
+    train_step, state, _ = train.build_for_training(config, gan_mnist.build_training)
     generator, discriminator = state["generator"], state["discriminator"]
     assert generator.layers[0].compute_dtype == compute
     assert all(v.dtype == "float32" for v in generator.trainable_variables)  # Master weights stay float32.
@@ -40,7 +36,7 @@ def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, 
     assert isinstance(state["d_optimizer"], keras.optimizers.LossScaleOptimizer) == scaled
     images = generator(np.zeros((4, config.latent_dim), np.float32), training=False)
     assert images.dtype == "float32" and discriminator(images).dtype == "float32"
-    values = utils.tf.function(train_step)(utils.tf.random.uniform((8, 28, 28, 1), -1, 1), utils.tf.zeros((8,), "int32"))
+    values = tf.function(train_step)(tf.random.uniform((8, 28, 28, 1), -1, 1), tf.zeros((8,), "int32"))
     assert all(v.dtype == "float32" and np.isfinite(v.numpy()) for v in values.values())
 
 
@@ -53,7 +49,8 @@ def test_fp16_with_loss_scaling_and_xla_train_end_to_end_on_the_cpu(tmp_path, mn
     assert len(history["iterations"]["d_loss"]) == 4 and np.isfinite(history["iterations"]["g_loss"]).all()
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["precision"], config["xla"], config["steps_per_call"]) == ("fp16", True, 2)
-    samples = utils.generate(SimpleNamespace(generate=9, seed=0, samples_npz=None, label=None), utils.RunDirectory(run_dir))
+    samples = sample.generate(SimpleNamespace(generate=9, seed=0, samples_npz=None, label=None),
+                              run_directory.RunDirectory(run_dir))
     assert samples.dtype == np.float32 and np.isfinite(samples).all()
 
 
@@ -66,18 +63,18 @@ def test_the_dcgan_trains_in_bf16_with_several_steps_per_call(tmp_path, mnist_di
 
 
 def test_auto_settings_follow_the_device(monkeypatch):
-    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: True)
     config = config_for(dcgan_mnist)
     assert (config.precision, config.xla, config.steps_per_call) == ("bf16", False, 1)
-    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: False)
     assert config_for(dcgan_mnist).precision == "fp32"
     explicit = config_for(gan_mnist, "--precision", "fp16", "--xla", "--steps-per-call", "7")
     assert (explicit.precision, explicit.xla, explicit.steps_per_call) == ("fp16", True, 7)
 
     gpu = SimpleNamespace(name="/physical_device:GPU:0", device_type="GPU")
-    monkeypatch.setattr(utils.tf.config, "list_physical_devices", lambda kind=None: [gpu])
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [gpu])
     for capability, precision in (((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "fp32")):
-        monkeypatch.setattr(utils.tf.config.experimental, "get_device_details",
+        monkeypatch.setattr(tf.config.experimental, "get_device_details",
                             lambda device, c=capability: {"compute_capability": c})
         config = config_for(dcgan_mnist)
         assert (config.precision, config.xla, config.steps_per_call) == (precision, True, 10)
@@ -85,22 +82,18 @@ def test_auto_settings_follow_the_device(monkeypatch):
 
 def test_flops_are_counted_from_the_layers():
     dense = keras.Sequential([keras.Input((100,)), keras.layers.Dense(256), keras.layers.Dense(10)])
-    assert utils.forward_flops(dense) == 2 * (100 * 256 + 256 * 10)
+    assert bench.forward_flops(dense) == 2 * (100 * 256 + 256 * 10)
     conv = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(64, 5, strides=2, padding="same"),
                              keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same")])
-    assert utils.forward_flops(conv) == 2 * 25 * 1 * 64 * 14 * 14 + 2 * 9 * 64 * 8 * 14 * 14
-    assert utils.training_flops(10, 1) == 48 and utils.training_flops(10, 1, r1=True) == 51
-    assert utils.training_flops(10, 1, r1=True, consistency=True) == 57
-    assert utils.training_flops(10, 1, r1=True, r2=True) == 54
-    assert utils.training_flops(10, 1, relativistic=True) == 49
-    assert utils.training_flops(10, 1, g_steps=2) == 80  # D's update (16) and G's (32) twice.
-    assert utils.training_flops(10, 1, relativistic=True, g_steps=2) == 82
+    assert bench.forward_flops(conv) == 2 * 25 * 1 * 64 * 14 * 14 + 2 * 9 * 64 * 8 * 14 * 14
+    assert bench.training_flops(10, 1) == 48 and bench.training_flops(10, 1, r1=True) == 51
+    assert bench.training_flops(10, 1, g_steps=2) == 80  # D's update (16) and G's (32) twice.
 
 
 def test_benchmark_prints_the_table(mnist_dir, capsys):
     config = config_for(gan_mnist, "--benchmark", "--limit", "512", "--batch-sizes", "32,64", "--steps-per-call", "4")
     images = utils.load_training_images(config)
-    rows = utils.benchmark(config, images, gan_mnist.build_training, min_seconds=0.1)
+    rows = bench.benchmark(config, images, gan_mnist.build_training, min_seconds=0.1)
     output = capsys.readouterr().out
     assert [label for label, _, _ in rows] == ["plain fp32 step", "chosen settings", "chosen, batch 32",
                                                "chosen, batch 64"]
@@ -108,7 +101,7 @@ def test_benchmark_prints_the_table(mnist_dir, capsys):
         assert column in output
     assert "Speedup of the chosen settings" in output
     plain = rows[0][2]
-    assert plain["flops"] == utils.training_flops(2 * (100 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784),
+    assert plain["flops"] == bench.training_flops(2 * (100 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784),
                                                   2 * (784 * 1024 + 1024 * 512 + 512 * 256 + 256))
     assert plain["seconds"] > 0 and plain["host_mb"] > 100
 
@@ -128,11 +121,11 @@ def test_benchmark_times_the_speedup_rows_in_alternation(monkeypatch, capsys):
         return {"seconds": 0.4 if name == "plain" else 0.25, "flops": 1e9, "host_mb": 1.0, "device_mb": None,
                 "window": window}
 
-    monkeypatch.setattr(utils, "_time_training", fake_time_training)
-    monkeypatch.setattr(utils, "matmul_peak", lambda precision: 100.0)
+    monkeypatch.setattr(bench, "time_training", fake_time_training)
+    monkeypatch.setattr(bench, "matmul_peak", lambda precision: 100.0)
     config = config_for(gan_mnist, "--benchmark", "--limit", "64", "--batch-size", "32", "--precision", "bf16",
                         "--steps-per-call", "4")
-    rows = utils.benchmark(config, (np.zeros((64, 28, 28, 1), np.uint8), np.zeros(64, np.int32)), None,
+    rows = bench.benchmark(config, (np.zeros((64, 28, 28, 1), np.uint8), np.zeros(64, np.int32)), None,
                            alternations=3)
     assert calls == ["plain", "chosen"] * 3
     assert rows[0][2]["seconds"] == 0.1 and rows[1][2]["seconds"] == 0.05  # The fastest window of each.
@@ -141,8 +134,8 @@ def test_benchmark_times_the_speedup_rows_in_alternation(monkeypatch, capsys):
 
 def test_benchmark_flags_are_checked(capsys):
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--batch-sizes", "32,x", "--benchmark"])
+        errors.run_main(gan_mnist.main, ["--batch-sizes", "32,x", "--benchmark"])
     assert exit_status.value.code == 2 and "--batch-sizes" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_status:
-        utils.run_main(gan_mnist.main, ["--batch-sizes", "32"])
+        errors.run_main(gan_mnist.main, ["--batch-sizes", "32"])
     assert exit_status.value.code == 2 and "only used with --benchmark" in capsys.readouterr().err

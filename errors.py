@@ -1,0 +1,78 @@
+"""The failures a user can act on, and how each reaches the terminal: one line and an exit status.
+
+Every user-facing failure raises `UsageError` (a bad flag: exit status 2), `DataError` (a bad file
+or directory: exit status 1) or `TrainingStopped` (a signal or a diverged loss); `run_main` turns
+each into one line on stderr, never a traceback.
+
+Imported first by each script: it also loads TensorFlow with its C++ start-up chatter muted, which
+would otherwise bury a one-line error or the progress line.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+
+def _import_tensorflow_quietly():
+    """Import TensorFlow and Keras with their C++ start-up chatter (CUDA probing, CPU notes) muted.
+
+    Those lines are written to file descriptor 2 before any logging setting applies. Python errors
+    still surface: they are raised after stderr is restored. Training prints the devices in use,
+    so a missing GPU is still reported.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")  # Probes CUDA now, while muted.
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_import_tensorflow_quietly()
+
+
+class UsageError(ValueError):
+    """A command-line flag or value that cannot be used; reported in one line, exit status 2."""
+
+
+class DataError(ValueError):
+    """A missing, corrupt or unwritable file or directory; reported in one line, exit status 1."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped before its last epoch: interrupted (exit 128 + signal) or diverged (exit 1)."""
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def flag(name):
+    """The command-line flag of a configuration key: batch_size is --batch-size."""
+    return "--" + name.lower().replace("_", "-")
+
+
+def run_main(main, argv=None):
+    """Run a script's `main(argv)` and turn the errors a user can fix into one line and an exit status."""
+    program = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f"{program}: error: {error} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    except DataError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingStopped as stopped:
+        print(f"{program}: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:  # Outside training (loading data, say), or a second Ctrl-C in it.
+        print(f"\n{program}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,183 @@
+"""What the two GANs share: conditioning on a label, Adam, the R1 penalty and the average of G's weights.
+
+The losses and the D and G updates are in each script; these are the pieces both scripts call,
+each named after the maths it computes.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import utils
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning: G(z, y) and D(x, y) with --conditional
+# ---------------------------------------------------------------------------------------------
+
+
+def class_count(config):
+    """How many classes the dataset has (the size of a conditional model's one-hot label)."""
+    return len(utils.DATASETS[config.dataset].classes)
+
+
+def one_hot(labels, config):
+    """Labels (N,) as float32 one-hot vectors (N, classes): what a conditional G and D take."""
+    return np.eye(class_count(config), dtype=np.float32)[np.asarray(labels, np.int64)]
+
+
+def balanced_labels(count, config):
+    """`count` labels cycling through the classes in play (--classes), so every class gets its share."""
+    classes = utils.parse_classes(config.classes, config.dataset)
+    return np.array([classes[i % len(classes)] for i in range(count)], np.int32)
+
+
+def assemble(layers, input_shape, config, name, flatten=False):
+    """A model applying `layers` to an input of `input_shape`; with --conditional it also takes a label.
+
+    The label (one-hot, (N, classes)) joins the input: concatenated to a vector (z, or the image
+    once flattened with `flatten`), or to an image as one constant plane per class stacked on its
+    channels. Built from Keras layers only, so a saved model loads in safe mode.
+    """
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs) if flatten else inputs
+    if getattr(config, "conditional", False):
+        label = keras.Input((class_count(config),))
+        if len(x.shape) == 2:
+            x = keras.layers.Concatenate()([x, label])                              # (N, features + classes)
+        else:
+            planes = keras.layers.Reshape((1, 1, class_count(config)))(label)
+            planes = keras.layers.UpSampling2D(size=tuple(input_shape[:2]))(planes)  # (N, H, W, classes)
+            x = keras.layers.Concatenate()([x, planes])                            # (N, H, W, C + classes)
+        inputs = [inputs, label]
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def label_helpers(config, rng):
+    """For a train step: `random_labels(n)`, uniform over the classes in play (every one of them,
+    the last included), and `conditioned(x, labels)`, the input a model takes ([x, one-hot labels]
+    when conditional). Unconditional: no labels are drawn and `conditioned` passes x through."""
+    conditional = getattr(config, "conditional", False)
+    classes = tf.constant(utils.parse_classes(config.classes, config.dataset), tf.int32)
+    count = class_count(config)
+
+    def random_labels(n):
+        if not conditional:
+            return None
+        return tf.gather(classes, rng.uniform((n,), minval=0, maxval=len(classes), dtype=tf.int32))
+
+    def conditioned(x, labels):
+        return [x, tf.one_hot(labels, count)] if conditional else x
+
+    return random_labels, conditioned
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation, the cross-entropy on D's logits and the R1 penalty
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(config, variables):
+    """Adam(lr, beta1, beta2) for `variables`, built now (eagerly, before any traced step creates slots).
+
+    Under fp16 it is wrapped in a LossScaleOptimizer, so that small gradients do not underflow: a
+    step computes `tape.gradient(optimizer.scale_loss(loss), ...)`, which is the plain loss otherwise.
+    """
+    optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1, beta_2=config.beta2)
+    if config.precision == "fp16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    return optimizer
+
+
+def logits_and_r1_penalty(discriminator, inputs, gamma):
+    """D's logits on real `inputs` and the R1 penalty gamma/2 * E||grad_x l(x)||^2 at those images.
+
+    The R1 penalty (Mescheder et al. 2018; --r1) keeps D smooth on the real data. `inputs` is the
+    image batch, or [images, one-hot labels] for a conditional D (the gradient is taken with
+    respect to the images only). With gamma 0 the penalty is 0 and costs nothing.
+    """
+    if not gamma:
+        return discriminator(inputs, training=True), 0.0
+    images = inputs[0] if isinstance(inputs, list) else inputs
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        logits = discriminator(inputs, training=True)
+        total = tf.reduce_sum(logits)  # Inside the tape: the gradient's target must be recorded too.
+    gradients = tf.cast(tape.gradient(total, images), tf.float32)
+    squared_norms = tf.reduce_sum(tf.square(tf.reshape(gradients, (tf.shape(gradients)[0], -1))), axis=1)
+    return logits, 0.5 * gamma * tf.reduce_mean(squared_norms)
+
+
+def cross_entropy(logits, target):
+    """Mean binary cross-entropy of D(x) = sigmoid(logits) against a constant target (1: real, 0: fake)."""
+    labels = tf.fill(tf.shape(logits), tf.constant(target, logits.dtype))
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def d_scores(real_logits, fake_logits):
+    """{"d_real": D(x), "d_fake": D(G(z))}, batch means of sigmoid(logit), for the progress line and plot."""
+    return {"d_real": tf.reduce_mean(tf.sigmoid(real_logits)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logits))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The average of G's weights (--ema): the generator that draws every sample
+# ---------------------------------------------------------------------------------------------
+
+
+class AveragedGenerator:
+    """An exponential moving average of G's weights (--ema), the generator that draws every sample.
+
+    Averaging the weights of the last ~1/(1 - decay) steps smooths away the step-to-step wobble of
+    the adversarial game (Yazici et al. 2019; Karras et al. 2018). The decay is warmed up as
+    min(decay, (1 + n) / (warm_up + n)) after n updates (warm_up 10: about the last ninth of the
+    steps so far), so early epochs are not dominated by the random initial weights. Batch-norm
+    statistics are not averaged: they belong to the raw weights, so before sampling, `refresh()`
+    recomputes them for the averaged weights from fixed noise (BigGAN's "standing statistics"): the
+    mean of the per-batch statistics of a few batches.
+    The training noise stream is untouched, so the same run shows the raw generator's figures
+    beside the average's.
+    """
+
+    def __init__(self, generator, decay, refresh_inputs, warm_up=10.0):
+        self.decay = decay
+        self.warm_up = warm_up
+        self.source = generator
+        self.model = keras.models.clone_model(generator)
+        self.model.set_weights(generator.get_weights())
+        self.batch_norms = [layer for layer in self.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        self.refresh_inputs = refresh_inputs
+        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.pairs = list(zip(self.model.trainable_variables, generator.trainable_variables))
+
+    @property
+    def variables(self):
+        """What a checkpoint holds: the averaged weights and the update count."""
+        return list(self.model.variables) + [self.updates]
+
+    def update(self):
+        """One averaging step, after a training step (traced into the compiled training call)."""
+        self.updates.assign_add(1)
+        count = tf.cast(self.updates, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + count) / (self.warm_up + count))
+        for average, value in self.pairs:
+            average.assign(decay * average + (1.0 - decay) * value)
+
+    def refresh(self, batch_size=500):
+        """Recompute the batch-norm statistics for the averaged weights (nothing to do without batch norm).
+
+        Each batch norm's moving statistics become the mean of its per-batch statistics over the
+        refresh noise, in batches of `batch_size` (momentum (k - 1) / k at the k-th batch keeps a
+        running mean); batches bound the memory, which one batch of 2,000 DCGAN samples doubled.
+        """
+        inputs = self.refresh_inputs if isinstance(self.refresh_inputs, list) else [self.refresh_inputs]
+        for index, start in enumerate(range(0, len(inputs[0]), batch_size) if self.batch_norms else []):
+            for layer in self.batch_norms:
+                layer.momentum = index / (index + 1)  # 0 at the first batch: the old statistics go.
+            batch = [values[start:start + batch_size] for values in inputs]
+            self.model(batch if len(batch) == 2 else batch[0], training=True)
+        for layer in self.batch_norms:
+            layer.momentum = self.source.get_layer(layer.name).momentum  # As saved in generator.keras.
+
+

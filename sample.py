@@ -1,0 +1,230 @@
+"""Sampling and scoring a trained run: `--generate N`, `--interpolate`, `--evaluate`.
+
+Each reads the run's saved generator (`generator.keras`, in Keras's safe mode) and its saved
+configuration; none needs the training state. `evaluate_generator` is also what training calls at
+each evaluation; the figures themselves are computed in evaluation.py.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import imageio.v3 as iio
+import keras
+import numpy as np
+
+import evaluation
+import utils
+from errors import DataError, UsageError
+from gan import balanced_labels, one_hot
+
+
+def add_flags(parser):
+    """The flags that sample or score a trained run instead of training."""
+    sampling = parser.add_argument_group("sampling and scoring a trained run (--out)")
+    sampling.add_argument("--generate", metavar="N", type=int, default=None,
+                          help="do not train: load the run's trained generator (--out) and write an N-sample grid")
+    sampling.add_argument("--samples-npz", metavar="FILE", default=None,
+                          help="with --generate: also write the samples as uint8 (N, 28, 28), or (N, 32, 32, 3) for "
+                               "CIFAR-10, under the key 'images'")
+    sampling.add_argument("--label", metavar="L", type=int, default=None,
+                          help="with --generate or --interpolate on a conditional run: draw class L only "
+                               "(default: every class in turn)")
+    sampling.add_argument("--interpolate", action="store_true",
+                          help="do not train: write interpolation.gif, a walk through the run's latent space "
+                               "(and, for a conditional run, a morph through its classes)")
+    sampling.add_argument("--evaluate", action="store_true",
+                          help="do not train: score the run's trained generator (--out) on --num-samples samples")
+    sampling.add_argument("--num-samples", metavar="N", type=int, default=10_000,
+                          help="samples scored by each evaluation (default: 10000, the size of the MNIST test set)")
+    return sampling
+
+
+def check_flags(config):
+    if config.generate is not None and config.generate < 1:
+        raise UsageError(f"argument --generate: must be a positive number of samples, got {config.generate}")
+    if config.num_samples < 2:
+        raise UsageError(f"argument --num-samples: must be at least 2, got {config.num_samples}")
+    if config.evaluate and config.generate is not None:
+        raise UsageError("argument --evaluate: not allowed with --generate; run them one after the other")
+    if config.label is not None and config.generate is None and not config.interpolate:
+        raise UsageError("argument --label: only used with --generate or --interpolate")
+    if config.samples_npz is not None and config.generate is None:
+        raise UsageError("argument --samples-npz: only used with --generate N")
+    if config.samples_npz is not None and not config.samples_npz.endswith(".npz"):
+        raise UsageError(f"argument --samples-npz: {config.samples_npz} must end in .npz")
+
+
+def generate_or_evaluate(config, run):
+    """Serve --generate, --interpolate or --evaluate from the trained run in `run`; True if one was asked for."""
+    if config.generate:
+        generate(config, run)
+    if config.interpolate:
+        interpolate(config, run)
+    if config.evaluate:
+        evaluate_run(config, run)
+    return bool(config.generate or config.evaluate or config.interpolate)
+
+
+
+def load_trained_generator(run):
+    """The run's trained generator (Keras safe mode: no code from the file) and the run's saved config."""
+    if not run.generator.is_file():
+        raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
+                        f"(or name the run with --out)")
+    try:
+        saved = json.loads(run.config.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{run.config}: cannot read the run's configuration ({error})") from None
+    try:
+        generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged archive.
+        raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
+    saved.setdefault("transform", "none")
+    saved.setdefault("dataset", "mnist")
+    saved.setdefault("classes", "")
+    saved.setdefault("conditional", False)
+    return generator, SimpleNamespace(**saved)
+
+
+def _latent_dim(generator):
+    return generator.input_shape[0][-1] if len(generator.inputs) == 2 else generator.input_shape[-1]
+
+
+
+def sample_images(generator, noise, labels=None, batch_size=500):
+    """Run the generator in inference mode (batch norm on its moving statistics) over `noise`, in batches.
+
+    A conditional generator (two inputs) also takes `labels`, as one-hot (N, classes) float vectors
+    (mixtures of two classes too, for morphing); an unconditional one ignores them.
+    """
+    conditional = len(generator.inputs) == 2
+    outputs = [generator([noise[i:i + batch_size], labels[i:i + batch_size]] if conditional
+                         else noise[i:i + batch_size], training=False).numpy()
+               for i in range(0, len(noise), batch_size)]
+    return np.concatenate(outputs)
+
+
+def cache_dir():
+    """Where the evaluation classifier is cached: $GAN_MNIST_CACHE, else ~/.cache/tf2-gan-mnist."""
+    if os.environ.get("GAN_MNIST_CACHE"):
+        return Path(os.environ["GAN_MNIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
+
+
+def load_evaluator(dataset="mnist", data_dir=None, classes=""):
+    """The sample-quality evaluator for `dataset` (and its --classes): the classifier is trained once
+    per dataset (minutes) and cached."""
+    config = SimpleNamespace(dataset=dataset, data_dir=data_dir, classes="")
+    train_images, train_labels = utils.load_dataset(config, "train")
+    test_images, test_labels = utils.load_dataset(config, "test")
+    try:
+        return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels,
+                                                  classes=utils.parse_classes(classes, dataset))
+    except OSError as error:
+        raise DataError(f"{cache_dir()}: cannot use the classifier cache ({error.strerror or error}); "
+                        f"set GAN_MNIST_CACHE to a writable directory") from None
+
+
+def evaluate_generator(evaluator, generator, count, seed, transform, config):
+    """Score `count` samples of `generator` from noise fixed by `seed`, in the dataset's own uint8 form.
+
+    A conditional generator is asked for balanced labels over the classes in play, and the figures
+    add how often the classifier recognises the requested label (`label_accuracy`, per class too).
+    """
+    start = time.perf_counter()
+    latent_dim = _latent_dim(generator)
+    # Its own noise stream (seed + 2), the same at every evaluation, so epochs compare.
+    noise = np.random.default_rng(seed + 2).standard_normal((count, latent_dim)).astype(np.float32)
+    requested = balanced_labels(count, config)
+    samples = utils.to_dataset_uint8(sample_images(generator, noise, one_hot(requested, config)), transform,
+                               utils.DATASETS[config.dataset].shape[0])
+    conditional = len(generator.inputs) == 2
+    figures = evaluator.evaluate(samples, requested if conditional else None, utils.DATASETS[config.dataset].classes)
+    figures["seconds"] = round(time.perf_counter() - start, 2)
+    return figures
+
+
+def evaluate_run(config, run):
+    """Score a trained run's generator on `config.num_samples` samples; print and save the figures."""
+    generator, saved = load_trained_generator(run)
+    evaluator = load_evaluator(saved.dataset, config.data_dir, saved.classes)
+    figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved.transform, saved)
+    utils.save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
+                               "classifier_test_accuracy": evaluator.test_accuracy})
+    print(f"Sample quality of {run.generator} ({figures['samples']} samples, seed {config.seed}; "
+          f"{saved.dataset} classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
+    print(evaluation.format_figures(figures, evaluator.floor))
+    print(f"Wrote {run.evaluation}")
+    return figures
+
+
+def _requested_labels(config, saved, count):
+    """--label L for every sample, else labels balanced over the run's classes; checked against the run."""
+    if config.label is None:
+        return balanced_labels(count, saved)
+    classes = utils.parse_classes(saved.classes, saved.dataset)
+    if config.label not in classes:
+        raise UsageError(f"argument --label: {config.label} is not a class this run was trained on "
+                         f"({', '.join(map(str, classes))})")
+    return np.full(count, config.label, np.int32)
+
+
+def interpolate(config, run, frames=48, points=4):
+    """Write interpolation.gif: a smooth walk through latent space between `points` random points.
+
+    For a conditional run, a second half morphs through the classes with the noise held fixed.
+    """
+    generator, saved = load_trained_generator(run)
+    rng = np.random.default_rng(config.seed)
+    columns = config.sample_grid
+    anchors = rng.standard_normal((points + 1, columns, _latent_dim(generator))).astype(np.float32)
+    anchors[-1] = anchors[0]  # Back to the start, so the GIF loops smoothly.
+    steps = np.linspace(0, points, frames, endpoint=False)
+    labels = one_hot(_requested_labels(config, saved, columns), saved)
+    pictures = []
+    for t in steps:
+        low, fraction = int(t), t - int(t)
+        weight = (1 - np.cos(np.pi * fraction)) / 2  # Eased: slow at each anchor.
+        noise = (1 - weight) * anchors[low] + weight * anchors[low + 1]
+        pictures.append(utils.image_grid(sample_images(generator, noise, labels), columns))
+    if len(generator.inputs) == 2:
+        classes = utils.parse_classes(saved.classes, saved.dataset)
+        eye = one_hot(classes + classes[:1], saved)
+        for t in np.linspace(0, len(classes), frames, endpoint=False):
+            low, fraction = int(t), t - int(t)
+            mixed = (1 - fraction) * eye[low] + fraction * eye[low + 1]
+            pictures.append(utils.image_grid(sample_images(generator, anchors[0], np.tile(mixed, (columns, 1))), columns))
+    path = run.path / "interpolation.gif"
+    with utils.atomic_path(path) as temporary:
+        iio.imwrite(temporary, np.stack(pictures), extension=".gif", duration=80, loop=0)
+    print(f"Wrote {path} ({len(pictures)} frames)")
+    return path
+
+
+def generate(config, run):
+    """Load the run's trained generator and write `config.generate` samples: a grid, and an npz if asked.
+
+    The noise comes from `config.seed`. With `config.samples_npz` the samples are also saved as
+    uint8 (N, 28, 28), 0..255, white on black like MNIST, under the key 'images' (the 32 and 64
+    presets' outputs are cropped or resized back to 28x28).
+    """
+    generator, saved = load_trained_generator(run)
+    noise = np.random.default_rng(config.seed).standard_normal((config.generate, _latent_dim(generator)))
+    labels = _requested_labels(config, saved, config.generate)
+    samples = sample_images(generator, noise.astype(np.float32), one_hot(labels, saved))
+    utils.save_png(run.generated, utils.image_grid(samples))
+    print(f"Wrote {config.generate} samples to {run.generated}"
+          + (f" (labels: {config.label if config.label is not None else 'balanced'})" if saved.conditional else ""))
+    if config.samples_npz:
+        destination = Path(config.samples_npz)
+        native = utils.to_dataset_uint8(samples, saved.transform, utils.DATASETS[saved.dataset].shape[0])
+        try:
+            with utils.atomic_path(destination) as temporary, open(temporary, "wb") as handle:
+                np.savez_compressed(handle, images=native)
+        except OSError as error:
+            raise DataError(f"{destination}: cannot write the samples ({error.strerror or error})") from None
+        print(f"Wrote {destination} (images: uint8 {native.shape})")
+    return samples
