@@ -37,7 +37,7 @@ def test_help_lists_every_constant_with_its_default(module, capsys):
         assert "--" + name.lower().replace("_", "-") in text, name
     for flag in ("--out", "--data-dir", "--generate", "--samples-npz"):
         assert flag in text
-    epochs_help = " ".join(re.search(r"--epochs INT(.*?)\n  --", text, flags=re.S).group(1).split())
+    epochs_help = " ".join(re.search(r"^  --epochs INT(.*?)\n  --", text, flags=re.S | re.M).group(1).split())
     assert epochs_help.endswith(f"(default: {module.EPOCHS})")  # The constant's own value and comment.
 
 

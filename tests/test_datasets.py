@@ -128,7 +128,7 @@ def cifar_archive(path):
 
 def test_cifar_download_from_a_local_archive_is_verified_and_extracted(tmp_path, monkeypatch):
     archive = tmp_path / "cifar-10-python.tar.gz"
-    monkeypatch.setattr(utils, "CIFAR10_SHA256", cifar_archive(archive))
+    monkeypatch.setattr(cifar10, "SHA256", cifar_archive(archive))
     monkeypatch.setenv("CIFAR10_URL", archive.as_uri())
     images, labels = cifar10.load("train", tmp_path / "downloaded")
     assert images.shape == (15, 32, 32, 3) and len(labels) == 15
