@@ -68,7 +68,6 @@ def generate_or_evaluate(config, run):
     return bool(config.generate or config.evaluate or config.interpolate)
 
 
-
 def load_trained_generator(run):
     """The run's trained generator (Keras safe mode: no code from the file) and the run's saved config."""
     if not run.generator.is_file():
@@ -91,7 +90,6 @@ def load_trained_generator(run):
 
 def _latent_dim(generator):
     return generator.input_shape[0][-1] if len(generator.inputs) == 2 else generator.input_shape[-1]
-
 
 
 def sample_images(generator, noise, labels=None, batch_size=500):

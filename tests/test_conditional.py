@@ -18,13 +18,13 @@ from conftest import parse
 QUICK = ["--conditional", "--epochs", "1", "--limit", "128", "--batch-size", "32", "--num-samples", "200"]
 
 
-def config_for(module, *argv):
+def conditional_config(module, *argv):
     return parse(module, "--conditional", *argv)
 
 
 @pytest.mark.parametrize("classes, expected", [("", list(range(10))), ("3,9", [3, 9])])
 def test_drawn_labels_cover_every_class_in_play_the_last_included(classes, expected):
-    config = config_for(gan_mnist, "--classes", classes) if classes else config_for(gan_mnist)
+    config = conditional_config(gan_mnist, "--classes", classes) if classes else conditional_config(gan_mnist)
     random_labels, conditioned = gan.label_helpers(config, tf.random.Generator.from_seed(0))
     labels = random_labels(5000).numpy()
     assert sorted(set(labels.tolist())) == expected
@@ -36,7 +36,7 @@ def test_drawn_labels_cover_every_class_in_play_the_last_included(classes, expec
 
 @pytest.mark.parametrize("module", [gan_mnist, dcgan_mnist])
 def test_conditional_models_take_a_label(module):
-    config = config_for(module)
+    config = conditional_config(module)
     preset = [module.PRESETS["28"]] if module is dcgan_mnist else []
     generator = module.build_generator(config, *preset)
     discriminator = module.build_discriminator(config, *preset)
@@ -44,12 +44,12 @@ def test_conditional_models_take_a_label(module):
     images = generator([noise, labels])
     assert images.shape == (3, 28, 28, 1)
     assert discriminator([images, tf.constant(labels)]).shape == (3, 1)
-    unconditional = module.build_generator(config_for(module, "--no-conditional"), *preset)
+    unconditional = module.build_generator(conditional_config(module, "--no-conditional"), *preset)
     assert len(unconditional.inputs) == 1
 
 
 def test_every_class_is_in_the_training_batches(mnist_dir):
-    config = config_for(gan_mnist, "--data-dir", str(mnist_dir), "--limit", "600", "--batch-size", "100")
+    config = conditional_config(gan_mnist, "--data-dir", str(mnist_dir), "--limit", "600", "--batch-size", "100")
     _, labels = utils.load_training_images(config)
     batches = train.epoch_batches(config.seed, 1, len(labels), 6, 100)
     assert sorted(set(labels[batches.ravel()].tolist())) == list(range(10))
