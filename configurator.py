@@ -47,6 +47,7 @@ _CHECKS = {
     "loss": (lambda v: v in ("ns", "hinge"), "must be ns or hinge"),
     "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
     "g_steps": (lambda v: 1 <= v <= 10, "must be a whole number from 1 to 10"),
+    "seed": (lambda v: 0 <= v <= 2**32 - 1, "must be a whole number from 0 to 4294967295 (2**32 - 1)"),
 }
 
 

@@ -10,6 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX: the run directory's lock (without it, e.g. on Windows, runs are not locked).
+except ImportError:
+    fcntl = None
+
 import tensorflow as tf
 
 from errors import DataError, UsageError, flag
@@ -58,6 +63,8 @@ class RunDirectory:
         self.generated = self.path / "generated_samples.png"
         self.tensorboard = self.path / "tensorboard"
         self.checkpoints = self.path / "checkpoints"
+        self.lock_file = self.path / ".lock"
+        self._lock = None
 
     def epoch_grid(self, epoch):
         """The fixed-noise grid after `epoch` (zero-padded, so sorting by name sorts by time)."""
@@ -72,8 +79,12 @@ class RunDirectory:
         A directory that already holds a run needs --resume (continue it) or --overwrite (replace
         it). With --resume, every hyperparameter not given on the command line takes the run's
         saved value, and one given with another value is refused (except RESUMABLE_CHANGES),
-        naming each difference; the checkpoint is left untouched.
+        naming each difference; the checkpoint is left untouched. A directory another process is
+        training in is refused first, naming that process.
         """
+        if self.lock_file.is_file():
+            self.lock()  # Only to see whether another process holds it; training takes it again in `create`.
+            self.release()
         if not config.resume:
             if self.holds_a_run() and not config.overwrite:
                 raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, "
@@ -102,12 +113,17 @@ class RunDirectory:
                              f"{'; '.join(differences)}. Start a new run with --out, or --overwrite")
 
     def create(self, overwrite=False):
-        """Create the directory (emptied of an earlier run's outputs with `overwrite`); DataError if unwritable."""
+        """Create and lock the directory (emptied of an earlier run's outputs with `overwrite`).
+
+        Returns self, a context manager that holds the lock (see `lock`) until it exits. DataError
+        if the directory cannot be written or another process holds it.
+        """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            self.lock()
             for leftover in self.path.glob(".*.tmp-*"):  # From a process killed while writing.
                 leftover.unlink()
             if overwrite:
@@ -119,5 +135,39 @@ class RunDirectory:
                     if directory.is_dir():
                         shutil.rmtree(directory)
         except OSError as error:
+            self.release()
             raise DataError(f"{self.path}: cannot write the run directory ({error.strerror or error})") from None
         return self
+
+    def lock(self):
+        """Hold the directory for this process: an exclusive OS lock on `.lock`, which the kernel releases
+        when the process dies (kill -9 too), so no stale lock is left. DataError naming the holder's
+        process ID if another process holds it."""
+        if fcntl is None or self._lock is not None:
+            return
+        handle = open(self.lock_file, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise DataError(f"{self.path}: another process (PID {holder}) is training in this run directory; "
+                            f"wait for it to finish, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def release(self):
+        """Give up the directory's lock (the kernel does so anyway when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()

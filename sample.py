@@ -163,6 +163,9 @@ def _requested_labels(config, saved, count):
     """--label L for every sample, else labels balanced over the run's classes; checked against the run."""
     if config.label is None:
         return balanced_labels(count, saved)
+    if not saved.conditional:
+        raise UsageError("argument --label: this run is not conditional (trained without --conditional), "
+                         "so it cannot be asked for a class")
     classes = utils.parse_classes(saved.classes, saved.dataset)
     if config.label not in classes:
         raise UsageError(f"argument --label: {config.label} is not a class this run was trained on "

@@ -66,33 +66,34 @@ def train(config, run, data, build, transform="none", hooks=None):
     checkpoint; both raise TrainingStopped. Returns the history.
     """
     hooks = hooks or Hooks()
-    run.create(config.overwrite)
-    images, labels = data
-    steps = len(images) // config.batch_size
-    evaluator = sample.load_evaluator(config.dataset, config.data_dir, config.classes) if config.eval_every else None
-    print_devices(config)
-    session = start_or_restore(config, run, build, hooks, steps)
-    write_run_start(config, run, images, transform)
-    train_steps = hooks.calls(compile_steps(session.train_step, tf.constant(images), tf.constant(labels), config))
-    outputs = EpochOutputs(config, run, session, evaluator, transform, hooks)
-    where = (f"resuming after epoch {session.epochs_done}" + (f", step {session.skip}" if session.skip else "")
-             if config.resume else "from scratch")
-    print(f"Training {config.script} for {config.epochs} epochs of {steps} steps (batch {config.batch_size}, "
-          f"{len(images)} images), {where}; outputs in {run.path}")
+    with run.create(config.overwrite):  # Holds the directory: one training process at a time.
+        images, labels = data
+        steps = len(images) // config.batch_size
+        evaluator = (sample.load_evaluator(config.dataset, config.data_dir, config.classes)
+                     if config.eval_every else None)
+        print_devices(config)
+        session = start_or_restore(config, run, build, hooks, steps)
+        write_run_start(config, run, images, transform)
+        train_steps = hooks.calls(compile_steps(session.train_step, tf.constant(images), tf.constant(labels), config))
+        outputs = EpochOutputs(config, run, session, evaluator, transform, hooks)
+        where = (f"resuming after epoch {session.epochs_done}" + (f", step {session.skip}" if session.skip else "")
+                 if config.resume else "from scratch")
+        print(f"Training {config.script} for {config.epochs} epochs of {steps} steps (batch {config.batch_size}, "
+              f"{len(images)} images), {where}; outputs in {run.path}")
 
-    session.started = time.perf_counter() - session.history["total_seconds"]
-    with StopRequests() as stop:
-        for epoch in range(session.epochs_done + 1, config.epochs + 1):
-            first_step = session.skip if epoch == session.epochs_done + 1 else 0
-            batches = epoch_batches(config.seed, epoch, len(images), steps, config.batch_size)
-            means, seconds = run_epoch(config, session, outputs, train_steps, epoch, batches, first_step, stop)
-            outputs.end_epoch(epoch, means, seconds, final=stop.signal is not None or epoch == config.epochs)
-            session.checkpoint.save(session.history, epoch, 0)  # Last, so it never runs ahead of the outputs.
-            if stop.signal and epoch < config.epochs:
-                outputs.writer.close()
-                raise interrupted(stop.signal, config, run, f"the end of epoch {epoch}")
-    outputs.finish()
-    return session.history
+        session.started = time.perf_counter() - session.history["total_seconds"]
+        with StopRequests() as stop:
+            for epoch in range(session.epochs_done + 1, config.epochs + 1):
+                first_step = session.skip if epoch == session.epochs_done + 1 else 0
+                batches = epoch_batches(config.seed, epoch, len(images), steps, config.batch_size)
+                means, seconds = run_epoch(config, session, outputs, train_steps, epoch, batches, first_step, stop)
+                outputs.end_epoch(epoch, means, seconds, final=stop.signal is not None or epoch == config.epochs)
+                session.checkpoint.save(session.history, epoch, 0)  # Last, so it never runs ahead of the outputs.
+                if stop.signal and epoch < config.epochs:
+                    outputs.writer.close()
+                    raise interrupted(stop.signal, config, run, f"the end of epoch {epoch}")
+        outputs.finish()
+        return session.history
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,17 @@ def test_labels_requested_from_a_class_subset_run(tmp_path, mnist_dir, capsys):
     assert exit_status.value.code == 2
 
 
+@pytest.mark.parametrize("sampling", [["--generate", "4"], ["--interpolate"]])
+def test_a_label_asked_of_an_unconditional_run_is_refused(tmp_path, mnist_dir, sampling, capsys):
+    run_dir = tmp_path / "run"
+    gan_mnist.main(QUICK[1:] + ["--eval-every", "0", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    with pytest.raises(SystemExit) as exit_status:
+        errors.run_main(gan_mnist.main, ["--out", str(run_dir), *sampling, "--label", "3"])
+    assert exit_status.value.code == 2
+    assert "--label: this run is not conditional" in capsys.readouterr().err
+    assert not (run_dir / "generated_samples.png").exists() and not (run_dir / "interpolation.gif").exists()
+
+
 def test_label_needs_generate_or_interpolate(capsys):
     with pytest.raises(SystemExit) as exit_status:
         errors.run_main(gan_mnist.main, ["--label", "3"])

@@ -78,6 +78,9 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (dcgan_mnist, ["--lr-decay", "0.5"], "--lr-decay"),
     (gan_mnist, ["--r1", "-1"], "--r1"),
     (dcgan_mnist, ["--g-steps", "0"], "--g-steps"),
+    (gan_mnist, ["--seed", "-1"], "--seed"),
+    (dcgan_mnist, ["--seed", str(2**32)], "--seed"),
+    (gan_mnist, ["--generate", "4", "--seed", "-1"], "--seed"),
 ])
 def test_bad_flags_are_refused_in_one_line_naming_the_flag(module, argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_status:

@@ -152,6 +152,35 @@ def test_a_signal_saves_everything_mid_epoch_and_resume_is_exact(tmp_path, mnist
     assert "partial_epoch" not in history_of(run_dir)
 
 
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_a_second_process_cannot_train_in_a_directory_being_trained(tmp_path, mnist_dir, flags):
+    run_dir = tmp_path / "run"
+    first = start_training(run_dir, mnist_dir, "--epochs", "3")
+    try:
+        wait_for_line(first, "epoch 1/3 step 20/100")
+        config_before = (run_dir / "config.json").read_bytes()
+        second = subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), *SLOW, "--epochs", "3", *flags,
+                                 "--data-dir", str(mnist_dir), "--out", str(run_dir)],
+                                capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+        assert f"{run_dir}: another process (PID {first.pid}) is training in this run directory" in second.stderr
+        assert (run_dir / "config.json").read_bytes() == config_before  # The second touched nothing.
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+
+def test_the_lock_dies_with_its_process(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, mnist_dir, "--epochs", "2")
+    wait_for_line(process, "epoch 1/2 step 20/100")
+    process.kill()  # kill -9: no handler runs, and no stale lock is left.
+    process.communicate(timeout=60)
+    assert (run_dir / ".lock").is_file()
+    gan_mnist.main(SLOW + ["--epochs", "1", "--overwrite", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1]
+
+
 def test_kill_9_loses_at_most_the_epoch_in_progress(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     process = start_training(run_dir, mnist_dir, "--epochs", "3")
@@ -191,7 +220,8 @@ def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_d
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_status:
         errors.run_main(lambda argv: gan_mnist.main(argv, hooks=FaultAtTheFifthCall()),
-                        QUICK + ["--epochs", "3", "--steps-per-call", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+                        QUICK + ["--epochs", "3", "--steps-per-call", "1", "--data-dir", str(mnist_dir),
+                                 "--out", str(run_dir)])
     assert exit_status.value.code == 1
     error = capsys.readouterr().err
     assert "g_loss is nan at epoch 2, step 2" in error and "ckpt-3, is kept" in error
