@@ -217,13 +217,13 @@ class Checkpoint:
 
 def write_run_start(config, run, images, transform):
     """config.json (the resolved configuration) and real_samples.png, before the first step."""
-    utils.save_json(run.config, run_directory_config(config) | {
+    utils.save_json(run.config, resolved_config(config) | {
         "transform": transform, "image_shape": list(images.shape[1:]), "training_images": len(images),
         "tensorflow": tf.__version__})
     utils.save_png(run.real_samples, utils.image_grid(images[:config.sample_grid ** 2], config.sample_grid))
 
 
-def run_directory_config(config):
+def resolved_config(config):
     """The configuration as a JSON-ready dict: the hyperparameters, then the run's settings."""
     resolved = {key: getattr(config, key) for key in config.hyperparameters}
     resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir,

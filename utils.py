@@ -317,11 +317,6 @@ def to_dataset_uint8(images, transform="none", native_size=28):
     return to_uint8(images[..., 0] if images.shape[-1] == 1 else images)
 
 
-def to_mnist_uint8(images, transform="none"):
-    """Generated float (N, S, S, 1) in [-1, 1] back to MNIST's form: uint8 (N, 28, 28), white on black."""
-    return to_dataset_uint8(images, transform, 28)
-
-
 def image_grid(images, columns=None, padding=2, background=64):
     """Tile images into one uint8 picture: rows of `columns` tiles, `padding` pixels of grey between.
 

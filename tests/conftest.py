@@ -38,23 +38,18 @@ def _missing(dataset):
 
 
 def dataset_dir(dataset):
-    """The directory the scripts would read `dataset`'s test split from (no download), or skip / fail."""
-    if dataset == "cifar10":
-        files, _ = cifar10.locate("test")
-    else:
-        files, _ = utils.locate_idx_dataset(dataset, "test")
-    if not files:
+    """The directory the scripts would read `dataset`'s train and test splits from (no download), or skip / fail."""
+    located = [cifar10.locate(split)[0] if dataset == "cifar10" else utils.locate_idx_dataset(dataset, split)[0]
+               for split in ("train", "test")]
+    if not all(located) or Path(located[0][0]).parent != Path(located[1][0]).parent:
         _missing(dataset)
-    return Path(files[0]).parent
+    return Path(located[0][0]).parent
 
 
 @pytest.fixture(scope="session")
 def mnist_dir():
     """The real MNIST, where the scripts find it ($MNIST_DIR, data/mnist/, Keras's cache)."""
-    directory = dataset_dir("mnist")
-    if not (directory / "train-images-idx3-ubyte.gz").is_file() and not (directory / "mnist.npz").is_file():
-        _missing("mnist")
-    return directory
+    return dataset_dir("mnist")
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,12 @@ def test_prepare_images_scales_to_tanh_range_for_each_transform():
 
 @pytest.mark.parametrize("size, transform, mean_error, max_error", [
     (28, "none", 0, 0), (32, "pad", 0, 0), (64, "resize", 3, 40)])
-def test_to_mnist_uint8_undoes_prepare_images(size, transform, mean_error, max_error):
+def test_to_dataset_uint8_undoes_prepare_images(size, transform, mean_error, max_error):
     # A smooth stroke-like blob: bilinear up and area-averaged down keep it nearly intact.
     yy, xx = np.mgrid[0:28, 0:28]
     blob = np.clip(255 * np.exp(-((yy - 14) ** 2 + (xx - 12) ** 2) / 30.0), 0, 255).astype(np.uint8)
     images = np.stack([blob, blob.T, blob[::-1], np.zeros_like(blob)])
-    back = utils.to_mnist_uint8(utils.prepare_images(images, size, transform), transform)
+    back = utils.to_dataset_uint8(utils.prepare_images(images, size, transform), transform, native_size=28)
     assert back.shape == (4, 28, 28) and back.dtype == np.uint8
     error = np.abs(back.astype(int) - images)
     assert error.mean() <= mean_error and error.max() <= max_error

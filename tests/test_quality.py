@@ -123,7 +123,7 @@ def test_other_losses_train_end_to_end_and_the_raw_generator_is_scored_beside_th
     assert set(final["raw"]) == {"fid", "inception_score", "classes_covered", "label_kl", "confidence"}
     assert final["fid"] != final["raw"]["fid"]  # Two different generators were scored.
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["ema"] == module.EMA > 0 and config["loss"] == extra[1]
+    assert config["r1"] == 1.0 and config["ema"] == module.EMA > 0 and config["loss"] == extra[1]
 
 
 def test_g_steps_updates_g_that_many_times_per_d_update():
