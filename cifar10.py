@@ -5,8 +5,10 @@ accepts only what a CIFAR-10 batch holds and refuses every other global with a o
 """
 
 import contextlib
+import io
 import os
 import pickle  # Only through _CifarUnpickler, which refuses every global but numpy's arrays.
+import pickletools
 import sys
 import tarfile
 from pathlib import Path
@@ -22,11 +24,27 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # $CIFAR10_URL 
 SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 
 
+BATCH_BYTES = 40 * 2**20  # Each batch file is about 30 MB (10,000 images of 3,072 bytes); larger is not a batch.
+
+
+def _bounded(function):
+    """`function(subtype, shape, dtype)` (numpy's array constructors) refusing arrays over BATCH_BYTES."""
+
+    def construct(subtype, shape, dtype, *rest):
+        size = np.prod(np.asarray(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        if not 0 <= size <= BATCH_BYTES:
+            raise pickle.UnpicklingError(f"an array of shape {shape} is larger than a CIFAR-10 batch")
+        return function(subtype, shape, dtype, *rest)
+
+    return construct
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles only what a CIFAR-10 batch holds: dicts, lists, numbers, strings, bytes and numpy arrays.
 
     Any other global a pickle names (os.system, say) is refused before it is looked up, so a
-    malicious file cannot run code. The arrays are then checked for type and shape by the caller.
+    malicious file cannot run code; the array constructors refuse sizes no batch has. The arrays
+    are then checked for type and shape by the caller.
     """
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -34,17 +52,39 @@ class _CifarUnpickler(pickle.Unpickler):
                ("_codecs", "encode")}  # How Python 3 writes bytes into a protocol-2 pickle; it only encodes text.
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}: not part of the CIFAR-10 format")
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}: not part of the CIFAR-10 format")
+        found = super().find_class(module, name)
+        if name == "_reconstruct":
+            return _bounded(found)
+        if name == "ndarray":  # Passed to _reconstruct as the type; called directly, it could allocate anything.
+            return _BoundedArray
+        return found
+
+
+class _BoundedArray(np.ndarray):
+    """numpy.ndarray as a batch's pickle may name it: a direct call refuses sizes no batch has."""
+
+    def __new__(cls, shape, dtype=float, *rest, **options):
+        return _bounded(lambda subtype, *args: np.ndarray.__new__(np.ndarray, *args, **options))(
+            cls, shape, dtype, *rest)
 
 
 def read_batch(path):
-    """Read one CIFAR-10 python batch as (images uint8 (N, 32, 32, 3), labels uint8 (N,))."""
+    """Read one CIFAR-10 python batch as (images uint8 (N, 32, 32, 3), labels uint8 (N,)).
+
+    The file is read whole only if it is no larger than a batch, and its pickle opcodes are
+    checked against the bytes present before anything is built, so a declared size cannot make
+    the reader allocate more than that.
+    """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            batch = _CifarUnpickler(handle, encoding="bytes").load()
+        if path.stat().st_size > BATCH_BYTES:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, larger than a CIFAR-10 batch")
+        content = path.read_bytes()
+        for _ in pickletools.genops(io.BytesIO(content)):  # Raises ValueError for a length past the end.
+            pass
+        batch = _CifarUnpickler(io.BytesIO(content), encoding="bytes").load()
     except pickle.UnpicklingError as error:
         if str(error).startswith("refused"):
             raise DataError(f"{path}: {error}") from None
@@ -56,6 +96,7 @@ def read_batch(path):
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict with data and labels)")
     data, labels = batch[b"data"], batch[b"labels"]
+    data = np.asarray(data) if isinstance(data, np.ndarray) else data  # A plain array, not _BoundedArray.
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: data must be a uint8 array of shape (N, 3072), got "
                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
@@ -67,8 +108,16 @@ def read_batch(path):
 
 
 def _files_in(directory, split):
+    """The batch files of `split` in `directory`, or None if it holds none of CIFAR-10's; DataError naming
+    the missing ones if it holds some batches but not all of `split`'s."""
     paths = [Path(directory) / name for name in FILES[split]]
-    return paths if all(p.is_file() for p in paths) else None
+    if all(p.is_file() for p in paths):
+        return paths
+    if any((Path(directory) / name).is_file() for name in FILES["train"] + FILES["test"]):
+        missing = [p.name for p in paths if not p.is_file()]
+        raise DataError(f"{directory}: incomplete CIFAR-10: {', '.join(missing)} missing (the {split} split needs "
+                        f"{', '.join(FILES[split])})")
+    return None
 
 
 def locate(split="train", data_dir=None):
@@ -89,7 +138,7 @@ def download(directory):
     url = os.environ.get("CIFAR10_URL", URL)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        archive = directory / f".cifar-10-python.tar.gz.part-{os.getpid()}"
+        archive = directory / ".cifar-10-python.tar.gz"  # Removed once extracted; a later download replaces it.
         print(f"Downloading {url} ...", file=sys.stderr)
         downloads.download(url, archive, SHA256)
         try:

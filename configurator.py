@@ -116,7 +116,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
             if key in names and getattr(config, key) is None:
                 setattr(config, key, value)
     _check_hyperparameters(config)
-    for group in (utils, run_directory, sample, speed, bench):
+    for group in (utils, run_directory, train, sample, speed, bench):
         group.check_flags(config)
     return config
 

@@ -64,8 +64,18 @@ def search_directories(data_dir, env, name):
     return [Path(d) for d in (data_dir, os.environ.get(env)) if d] + [DATA_ROOT / name]
 
 
+def remove_stale_parts(directory, name):
+    """Remove `.NAME.part-PID*` files that a download killed outright (SIGKILL, SIGTERM) left behind:
+    those whose process is gone."""
+    for leftover in Path(directory).glob(f".{name}.part-*"):
+        pid = leftover.name[len(f".{name}.part-"):].split(".")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and os.path.isdir("/proc"):
+            leftover.unlink(missing_ok=True)
+
+
 def download(url, destination, sha256):
     """Download `url` to `destination` atomically, verifying its SHA-256; raise OSError/ValueError on failure."""
+    remove_stale_parts(destination.parent, destination.name)
     temporary = destination.with_name(f".{destination.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
     try:

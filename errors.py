@@ -8,7 +8,10 @@ Imported first by each script: it also loads TensorFlow with its C++ start-up ch
 would otherwise bury a one-line error or the progress line.
 """
 
+import contextlib
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +40,8 @@ def _import_tensorflow_quietly():
 
 _import_tensorflow_quietly()
 
+import tensorflow  # noqa: E402  (loaded above, quietly)
+
 
 class UsageError(ValueError):
     """A command-line flag or value that cannot be used; reported in one line, exit status 2."""
@@ -57,6 +62,32 @@ class TrainingStopped(Exception):
 def flag(name):
     """The command-line flag of a configuration key: batch_size is --batch-size."""
     return "--" + name.lower().replace("_", "-")
+
+
+def is_out_of_space(error):
+    """Whether an OSError or a TensorFlow error is a full disk (or an exceeded quota)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+@contextlib.contextmanager
+def out_of_memory(doing, sizes):
+    """Turn running out of memory while `doing` into one UsageError naming the `sizes` to reduce (exit 2)."""
+    try:
+        yield
+    except (MemoryError, tensorflow.errors.ResourceExhaustedError) as error:
+        if is_out_of_space(error):
+            raise
+        tensor = re.search(r"OOM when allocating tensor with shape\[([^\]]*)\]", str(error))
+        raise UsageError(f"out of memory {doing}" + (f" (a tensor of shape [{tensor.group(1)}])" if tensor else "")
+                         + f" with {sizes}: try smaller values") from None
+
+
+def model_sizes(config):
+    """The flags that set the models' and the batch's memory, as `--flag value, ...`."""
+    return ", ".join(f"{flag(key)} {getattr(config, key)}"
+                     for key in ("batch_size", "latent_dim", "kernel_size") if hasattr(config, key))
 
 
 def run_main(main, argv=None):

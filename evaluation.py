@@ -165,13 +165,14 @@ class Evaluator:
         key = data_key(train_images, train_labels, test_images, test_labels)
         directory = Path(cache_dir) / f"classifier-{key}"
         files = {name: directory / name for name in ("classifier.keras", "reference.npz", "floor.json")}
+        evaluator = None
         if all(path.is_file() for path in files.values()):
-            classifier = keras.saving.load_model(files["classifier.keras"], compile=False, safe_mode=True)
-            with np.load(files["reference.npz"], allow_pickle=False) as reference:
-                mean, cov = reference["mean"], reference["cov"]
-            saved = json.loads(files["floor.json"].read_text())
-            evaluator = cls(classifier, mean, cov, saved["floor"], saved["test_accuracy"])
-        else:
+            try:
+                evaluator = cls._load(files)
+            except Exception as error:  # Keras, numpy and json raise many types for a damaged file.
+                log(f"The cached evaluation classifier in {directory} is damaged ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); training it again")
+        if evaluator is None:
             log(f"Training the evaluation classifier once (cached in {directory}) ...")
             start = time.perf_counter()
             classifier, accuracy = train_classifier(train_images, train_labels, test_images, test_labels, epochs)
@@ -198,6 +199,19 @@ class Evaluator:
             evaluator._set_reference(train_images[np.isin(train_labels, classes)],
                                      test_images[np.isin(test_labels, classes)])
         return evaluator
+
+    @classmethod
+    def _load(cls, files):
+        """The evaluator from its cached files; raises if any of them is damaged."""
+        classifier = keras.saving.load_model(files["classifier.keras"], compile=False, safe_mode=True)
+        with np.load(files["reference.npz"], allow_pickle=False) as reference:
+            mean, cov = reference["mean"], reference["cov"]
+        saved = json.loads(files["floor.json"].read_text())
+        for key in FIGURES:  # A missing or non-numeric figure raises.
+            float(saved["floor"][key])
+        if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
+            raise ValueError(f"reference statistics of shapes {mean.shape} and {cov.shape}")
+        return cls(classifier, mean, cov, saved["floor"], float(saved["test_accuracy"]))
 
     def _set_reference(self, train_images, test_images):
         """The test images' feature statistics, and the floor: the first FLOOR_SAMPLES train images' figures."""

@@ -1,12 +1,15 @@
 """One run's directory, `results/<run-name>/`: the names of its files, starting, resuming, replacing.
 
-A run writes everything into its own directory (`--out`); a directory that already holds a run
-is continued only with `--resume` (with the run's saved hyperparameters) and replaced only with
-`--overwrite`.
+A run writes everything into its own directory (`--out`), which it holds with an OS lock for its
+whole life; its config.json carries FORMAT, by which this project recognises its runs. A
+directory that already holds a run is continued only with `--resume` (with the run's saved
+hyperparameters) and replaced only with `--overwrite`, which removes only the files a run writes;
+another program's files are never taken for a run.
 """
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,15 +18,21 @@ try:
 except ImportError:
     fcntl = None
 
-import tensorflow as tf
-
 from errors import DataError, UsageError, flag
 
 REPO_DIR = Path(__file__).resolve().parent
 
-# What --resume may change: the length of the run and how often it is scored. Anything else would
-# make the resumed run a different experiment, so it is refused.
+# Written into every run's config.json: how this project recognises a run of its own, so that
+# --resume and --overwrite never take another program's files for one.
+FORMAT = "tf2-gan-mnist run 1"
+SCRIPTS = ("gan_mnist", "dcgan_mnist")
+DATASETS = ("mnist", "fashion_mnist", "cifar10")
+
+# What --resume may change: the length of the run and how often it is scored; --lr only downwards,
+# to continue after a divergence. Anything else would make the resumed run a different experiment.
 RESUMABLE_CHANGES = ("epochs", "eval_every")
+
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.index$")
 
 
 def add_flags(parser, script_name):
@@ -32,10 +41,10 @@ def add_flags(parser, script_name):
     run.add_argument("--out", metavar="DIR", default=None,
                      help=f"run directory for every output (default: results/{script_name})")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last checkpoint, with its saved hyperparameters "
-                          "(--epochs may grow)")
+                     help="continue the run in --out from its newest readable checkpoint (or from scratch if it "
+                          "has none yet), with its saved hyperparameters (--epochs may grow, --lr may drop)")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace the run that --out already holds")
+                     help="replace the run that --out already holds (only the files a run writes are removed)")
     return run
 
 
@@ -43,6 +52,10 @@ def check_flags(config):
     if config.resume and config.overwrite:
         raise UsageError("argument --resume: not allowed with --overwrite")
     config.out = Path(config.out) if config.out else REPO_DIR / "results" / config.script
+
+
+def megabytes(count):
+    return f"{count / 2**20:.1f} MB"
 
 
 class RunDirectory:
@@ -61,83 +74,161 @@ class RunDirectory:
         self.progress_gif = self.path / "progress.gif"
         self.generator = self.path / "generator.keras"
         self.generated = self.path / "generated_samples.png"
+        self.interpolation = self.path / "interpolation.gif"
         self.tensorboard = self.path / "tensorboard"
         self.checkpoints = self.path / "checkpoints"
         self.lock_file = self.path / ".lock"
         self._lock = None
+        self._created = False
 
     def epoch_grid(self, epoch):
         """The fixed-noise grid after `epoch` (zero-padded, so sorting by name sorts by time)."""
         return self.path / f"epoch_{epoch:03d}.png"
 
+    def output_files(self):
+        """The files a run of this project writes at the top of its directory, those present now."""
+        named = [self.config, self.history, self.loss_plot, self.metrics_plot, self.metrics, self.evaluation,
+                 self.real_samples, self.random_samples, self.progress_gif, self.generator, self.generated,
+                 self.interpolation]
+        return [p for p in named if p.is_file()] + sorted(self.path.glob("epoch_[0-9][0-9][0-9]*.png"))
+
+    def checkpoint_prefixes(self):
+        """The saved checkpoints' paths (`.../ckpt-N`), newest (largest step) first; read from the files
+        themselves, so a lost `checkpoint` index file hides none."""
+        if not self.checkpoints.is_dir():
+            return []
+        numbered = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
+        return [str(p.with_suffix("")) for _, p in sorted(numbered, reverse=True)]
+
+    def read_config(self):
+        """The saved configuration of this project's run here, as a dict; DataError if it is missing,
+        unreadable, or not a run of this project."""
+        try:
+            saved = json.loads(self.config.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{self.config}: cannot read the run's configuration ({error})") from None
+        problem = _config_problem(saved)
+        if problem:
+            raise DataError(f"{self.config}: {problem}")
+        return saved
+
     def holds_a_run(self):
-        return self.config.is_file() or self.checkpoints.is_dir()
+        """Whether a run of this project is here (its config.json carries FORMAT); DataError for a directory
+        that holds another program's files under a run's names, which this project never touches."""
+        if self.config.is_file():
+            self.read_config()
+            return True
+        foreign = [p.name for p in self.output_files() + [self.checkpoints, self.tensorboard] if p.exists()]
+        if foreign:
+            raise DataError(f"{self.path}: holds {', '.join(foreign[:3])} but no config.json of a run of this "
+                            f"project; choose another --out (nothing there was touched)")
+        return False
 
     def prepare(self, config):
         """Check, before anything is built, that training may start here; with --resume, adopt the run's config.
 
         A directory that already holds a run needs --resume (continue it) or --overwrite (replace
-        it). With --resume, every hyperparameter not given on the command line takes the run's
-        saved value, and one given with another value is refused (except RESUMABLE_CHANGES),
-        naming each difference; the checkpoint is left untouched. A directory another process is
+        it); one holding another program's files is refused either way. With --resume, every
+        hyperparameter not given on the command line takes the run's saved value, and one given
+        with another value is refused (except RESUMABLE_CHANGES and a lower --lr), naming each
+        difference; the checkpoint is left untouched. A run killed before its first checkpoint
+        starts again from scratch with its saved settings. A directory another process is
         training in is refused first, naming that process.
         """
         if self.lock_file.is_file():
             self.lock()  # Only to see whether another process holds it; training takes it again in `create`.
             self.release()
+        holds_a_run = self.path.is_dir() and self.holds_a_run()
+        config.saved_run = None
         if not config.resume:
-            if self.holds_a_run() and not config.overwrite:
+            if holds_a_run and not config.overwrite:
                 raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, "
                                  f"--overwrite to replace it, or --out to start another")
             return
-        if not tf.train.latest_checkpoint(self.checkpoints):
-            raise UsageError(f"argument --resume: no checkpoint in {self.checkpoints} to resume from")
-        try:
-            saved = json.loads(self.config.read_text())
-        except (OSError, ValueError) as error:
-            raise DataError(f"{self.config}: cannot read the run's configuration ({error})") from None
+        if not holds_a_run:
+            raise UsageError(f"argument --resume: {self.path} holds no run to resume (no config.json)")
+        saved = config.saved_run = self.read_config()
         if saved.get("script") != config.script:
             raise UsageError(f"argument --resume: {self.path} holds a {saved.get('script')} run, "
                              f"not a {config.script} run")
         differences = []
+        config.lr_change = None
         for key in config.hyperparameters:
             if key not in saved:
                 continue
             if key in config.explicit and getattr(config, key) != saved[key]:
-                if key not in RESUMABLE_CHANGES:
+                if key == "lr" and getattr(config, key) < saved[key]:
+                    config.lr_change = (saved[key], config.lr)
+                elif key not in RESUMABLE_CHANGES:
                     differences.append(f"{flag(key)} {getattr(config, key)} (the run has {saved[key]})")
             else:
                 setattr(config, key, saved[key])
         if differences:
             raise UsageError(f"argument --resume: {self.path} was trained with other settings: "
-                             f"{'; '.join(differences)}. Start a new run with --out, or --overwrite")
+                             f"{'; '.join(differences)} (only --epochs, --eval-every and a lower --lr may change). "
+                             f"Start a new run with --out, or --overwrite")
+        if not self.checkpoint_prefixes():
+            print(f"{self.checkpoints}: no checkpoint yet (the run stopped before its first); "
+                  f"starting it from scratch with its saved settings")
+            config.resume, config.restart = False, True
 
     def create(self, overwrite=False):
-        """Create and lock the directory (emptied of an earlier run's outputs with `overwrite`).
+        """Create and lock the directory; with `overwrite`, remove an earlier run's outputs (only those).
 
-        Returns self, a context manager that holds the lock (see `lock`) until it exits. DataError
-        if the directory cannot be written or another process holds it.
+        Returns self, a context manager that holds the lock (see `lock`) until it exits; a directory
+        this process created and left empty (a run that failed before writing anything) is removed
+        then. Temporaries of a process killed while writing are removed now. DataError if the
+        directory cannot be written or another process holds it.
         """
         try:
+            self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
             self.lock()
-            for leftover in self.path.glob(".*.tmp-*"):  # From a process killed while writing.
-                leftover.unlink()
+            self.remove_temporaries()
             if overwrite:
-                for path in [*self.path.glob("epoch_[0-9]*.png"), self.config, self.history, self.loss_plot,
-                             self.metrics_plot, self.metrics, self.evaluation, self.real_samples,
-                             self.random_samples, self.progress_gif, self.generator, self.generated]:
-                    path.unlink(missing_ok=True)
-                for directory in (self.checkpoints, self.tensorboard):
-                    if directory.is_dir():
-                        shutil.rmtree(directory)
+                self.remove_outputs()
         except OSError as error:
-            self.release()
+            self.__exit__()
             raise DataError(f"{self.path}: cannot write the run directory ({error.strerror or error})") from None
         return self
+
+    def remove_temporaries(self):
+        """Remove what a process killed (or out of space) while writing left: `.name.tmp-PID` files of
+        atomic writes and the `ckpt-N_temp/` directories of checkpoint saves."""
+        for leftover in self.path.glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        if self.checkpoints.is_dir():
+            for leftover in self.checkpoints.glob("ckpt-*_temp"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def remove_outputs(self):
+        """Remove the files a run writes (--overwrite), and nothing else: other files stay, and so do
+        `checkpoints/` and `tensorboard/` if something other than a run's files is in them."""
+        for path in self.output_files():
+            path.unlink()
+        patterns = {self.checkpoints: ("checkpoint", "ckpt-*.index", "ckpt-*.data-*", "ckpt-*_temp"),
+                    self.tensorboard: ("events.out.tfevents.*",)}
+        for directory, names in patterns.items():
+            if not directory.is_dir():
+                continue
+            for pattern in names:
+                for path in directory.glob(pattern):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if not any(directory.iterdir()):
+                directory.rmdir()
+
+    def out_of_space(self, needed_bytes):
+        """The DataError of a full disk: the directory, what the run needs to go on, what is free."""
+        try:
+            free = megabytes(shutil.disk_usage(self.path).free)
+        except OSError:
+            free = "unknown"
+        return DataError(f"{self.path}: out of disk space (a checkpoint and an epoch's outputs need about "
+                         f"{megabytes(needed_bytes)}; {free} free); the last good checkpoint and every earlier "
+                         f"output are kept: free some space and continue with --resume")
 
     def lock(self):
         """Hold the directory for this process: an exclusive OS lock on `.lock`, which the kernel releases
@@ -170,4 +261,25 @@ class RunDirectory:
         return self
 
     def __exit__(self, *exc_info):
+        try:
+            if self._created and {p.name for p in self.path.iterdir()} <= {self.lock_file.name}:
+                self.lock_file.unlink(missing_ok=True)  # A directory this run created and wrote nothing into.
+                self.path.rmdir()
+        except OSError:
+            pass
         self.release()
+
+
+def _config_problem(saved):
+    """What makes `saved` (a parsed config.json) not a configuration of this project's runs, or None."""
+    if not isinstance(saved, dict):
+        return f"not a run's configuration (a JSON {type(saved).__name__}, expected an object)"
+    legacy = "format" not in saved and "image_shape" in saved and "training_images" in saved
+    if saved.get("format") != FORMAT and not legacy:
+        return (f"not written by a run of this project (no \"format\": \"{FORMAT}\"); choose another --out "
+                f"(nothing there was touched)")
+    if saved.get("script") not in SCRIPTS:
+        return f"names an unknown script {saved.get('script')!r} (expected {' or '.join(SCRIPTS)})"
+    if saved.get("dataset", "mnist") not in DATASETS:
+        return f"names an unknown dataset {saved.get('dataset')!r} (expected {', '.join(DATASETS)})"
+    return None

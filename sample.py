@@ -5,8 +5,9 @@ configuration; none needs the training state. `evaluate_generator` is also what 
 each evaluation; the figures themselves are computed in evaluation.py.
 """
 
-import json
+import contextlib
 import os
+import zipfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import numpy as np
 
 import evaluation
 import utils
-from errors import DataError, UsageError
+from errors import DataError, UsageError, out_of_memory
 from gan import balanced_labels, one_hot
 
 
@@ -59,12 +60,13 @@ def check_flags(config):
 
 def generate_or_evaluate(config, run):
     """Serve --generate, --interpolate or --evaluate from the trained run in `run`; True if one was asked for."""
-    if config.generate:
-        generate(config, run)
-    if config.interpolate:
-        interpolate(config, run)
-    if config.evaluate:
-        evaluate_run(config, run)
+    with out_of_memory("sampling", f"the run's generator ({run.generator})"):
+        if config.generate:
+            generate(config, run)
+        if config.interpolate:
+            interpolate(config, run)
+        if config.evaluate:
+            evaluate_run(config, run)
     return bool(config.generate or config.evaluate or config.interpolate)
 
 
@@ -73,10 +75,7 @@ def load_trained_generator(run):
     if not run.generator.is_file():
         raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
                         f"(or name the run with --out)")
-    try:
-        saved = json.loads(run.config.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(f"{run.config}: cannot read the run's configuration ({error})") from None
+    saved = run.read_config()
     try:
         generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged archive.
@@ -205,27 +204,87 @@ def interpolate(config, run, frames=48, points=4):
     return path
 
 
-def generate(config, run):
+GRID_LIMIT = 32 * 32  # --generate draws at most this many samples into its grid (the npz takes them all).
+
+
+def generate(config, run, batch_size=1000):
     """Load the run's trained generator and write `config.generate` samples: a grid, and an npz if asked.
 
-    The noise comes from `config.seed`. With `config.samples_npz` the samples are also saved as
-    uint8 (N, 28, 28), 0..255, white on black like MNIST, under the key 'images' (the 32 and 64
-    presets' outputs are cropped or resized back to 28x28).
+    The noise comes from `config.seed`. The grid shows the first GRID_LIMIT samples. With
+    `config.samples_npz` all are also saved as uint8 (N, 28, 28), 0..255, white on black like MNIST,
+    under the key 'images' (the 32 and 64 presets' outputs are cropped or resized back to 28x28).
+    Samples are drawn `batch_size` at a time and streamed to the npz, so memory stays bounded
+    whatever N is. Returns the grid's samples.
     """
     generator, saved = load_trained_generator(run)
-    noise = np.random.default_rng(config.seed).standard_normal((config.generate, _latent_dim(generator)))
-    labels = _requested_labels(config, saved, config.generate)
-    samples = sample_images(generator, noise.astype(np.float32), one_hot(labels, saved))
-    utils.save_png(run.generated, utils.image_grid(samples))
-    print(f"Wrote {config.generate} samples to {run.generated}"
+    count, native_size = config.generate, utils.DATASETS[saved.dataset].shape[0]
+    labels = _requested_labels(config, saved, count)
+    noise_rng = np.random.default_rng(config.seed)
+
+    def batches():  # The same noise as one (count, latent) draw would give: numpy fills it in order.
+        for start in range(0, count, batch_size):
+            noise = noise_rng.standard_normal((min(batch_size, count - start), _latent_dim(generator)))
+            yield sample_images(generator, noise.astype(np.float32), one_hot(labels[start:start + len(noise)], saved))
+
+    shown = []
+    npz = NpzImageWriter(config.samples_npz, (count, native_size, native_size, utils.DATASETS[saved.dataset].shape[-1])
+                         ) if config.samples_npz else contextlib.nullcontext()
+    with npz:
+        for samples in batches():
+            if sum(map(len, shown)) < GRID_LIMIT:
+                shown.append(samples[:GRID_LIMIT - sum(map(len, shown))])
+            if config.samples_npz:
+                npz.write(utils.to_dataset_uint8(samples, saved.transform, native_size))
+    shown = np.concatenate(shown)
+    utils.save_png(run.generated, utils.image_grid(shown))
+    print(f"Wrote {len(shown)} of the {count} samples to {run.generated}"
           + (f" (labels: {config.label if config.label is not None else 'balanced'})" if saved.conditional else ""))
     if config.samples_npz:
-        destination = Path(config.samples_npz)
-        native = utils.to_dataset_uint8(samples, saved.transform, utils.DATASETS[saved.dataset].shape[0])
+        print(f"Wrote {config.samples_npz} (images: uint8 {npz.shape})")
+    return shown
+
+
+class NpzImageWriter:
+    """Writes one uint8 array under the key 'images' into a compressed .npz, batch by batch, atomically.
+
+    What np.savez_compressed writes, without holding the whole array: a zip member images.npy with
+    numpy's header and the rows in order, in a temporary file renamed into place once all are in.
+    """
+
+    def __init__(self, path, shape):
+        self.path = Path(path)
+        self.shape = shape[:-1] if shape[-1] == 1 else shape  # One channel: (N, 28, 28), as MNIST's arrays.
+        self.temporary = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}.npz")
+
+    @contextlib.contextmanager
+    def _errors(self):
         try:
-            with utils.atomic_path(destination) as temporary, open(temporary, "wb") as handle:
-                np.savez_compressed(handle, images=native)
+            yield
         except OSError as error:
-            raise DataError(f"{destination}: cannot write the samples ({error.strerror or error})") from None
-        print(f"Wrote {destination} (images: uint8 {native.shape})")
-    return samples
+            raise DataError(f"{self.path}: cannot write the samples ({error.strerror or error})") from None
+
+    def __enter__(self):
+        try:
+            with self._errors():
+                self._zip = zipfile.ZipFile(self.temporary, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
+                self._member = self._zip.open("images.npy", "w", force_zip64=True)
+                np.lib.format.write_array_header_1_0(self._member, {"descr": "|u1", "fortran_order": False,
+                                                                    "shape": self.shape})
+        except DataError:
+            self.temporary.unlink(missing_ok=True)
+            raise
+        return self
+
+    def write(self, images):
+        with self._errors():
+            self._member.write(np.ascontiguousarray(images, np.uint8).reshape((-1,) + self.shape[1:]).tobytes())
+
+    def __exit__(self, kind, *exc_info):
+        try:
+            with self._errors():
+                self._member.close()
+                self._zip.close()
+                if kind is None:
+                    os.replace(self.temporary, self.path)
+        finally:
+            self.temporary.unlink(missing_ok=True)

@@ -53,6 +53,7 @@ def resolve(config, default_steps_per_call, bf16_on_cpu=True):
     `bf16_on_cpu=False` keeps fp32 on the CPU for a model where bf16 measured slower there.
     """
     gpus = tf.config.list_physical_devices("GPU")
+    config.precision_requested = config.precision
     if config.precision == "auto":
         if gpus:
             capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))

@@ -54,47 +54,62 @@ def check_flags(config):
 _IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: 3-D unsigned bytes; 0x0801: 1-D.
 
 
-def _open_idx_bytes(path):
-    """Read an IDX file, gunzipping it when its name ends in .gz."""
+def available_memory():
+    """Bytes of memory this machine can still give (MemAvailable on Linux, else all of it)."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
+def read_idx(path, kind, limit=0):
+    """Read an MNIST IDX file of `kind` 'images' (N, 28, 28) or 'labels' (N,), as uint8; gunzipped if .gz.
+
+    Reads no more than the header promises (and, with `limit` > 0, only the first `limit` items),
+    so a gzip bomb or a lying header cannot exhaust memory. Raises DataError naming the file for a
+    bad gzip stream, a wrong magic number, a size that disagrees with the header, images that are
+    not 28x28, more data than memory holds or labels outside 0..9.
+    """
+    path = Path(path)
+    dims = 3 if kind == "images" else 1
+    header_size = 4 + 4 * dims
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            header = handle.read(header_size)
+            if len(header) < header_size:
+                raise DataError(f"{path}: truncated: {len(header)} bytes, shorter than the {header_size}-byte "
+                                f"IDX header")
+            magic = int.from_bytes(header[:4], "big")
+            if magic != _IDX_MAGIC[kind]:
+                raise DataError(f"{path}: bad magic number {magic}, expected {_IDX_MAGIC[kind]} for IDX {kind}")
+            shape = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+            if kind == "images" and shape[1:] != (28, 28):
+                raise DataError(f"{path}: wrong image size {shape[1]}x{shape[2]}, expected 28x28")
+            expected = int(np.prod(shape))
+            count = min(limit, shape[0]) if limit else shape[0]
+            wanted = count * expected // max(shape[0], 1)
+            if wanted > available_memory() // 2:
+                raise DataError(f"{path}: header promises {shape[0]} {kind} ({wanted / 2**30:.1f} GB), more than "
+                                f"half the memory available; pass --limit to read fewer")
+            data = handle.read(wanted)
+            if len(data) < wanted:
+                raise DataError(f"{path}: truncated: header promises {expected} bytes of {kind} for shape {shape}, "
+                                f"file holds {len(data)}")
+            if count == shape[0] and handle.read(1):
+                raise DataError(f"{path}: unexpected bytes after the {kind} of shape {shape}")
     except (gzip.BadGzipFile, zlib.error):
         raise DataError(f"{path}: not a valid gzip file") from None
     except EOFError:
         raise DataError(f"{path}: truncated gzip stream") from None
     except OSError as error:
         raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
-
-
-def read_idx(path, kind):
-    """Read an MNIST IDX file of `kind` 'images' (N, 28, 28) or 'labels' (N,), as uint8.
-
-    Raises DataError naming the file for a bad gzip stream, a wrong magic number, a size that
-    disagrees with the header, images that are not 28x28 or labels outside 0..9.
-    """
-    path = Path(path)
-    data = _open_idx_bytes(path)
-    dims = 3 if kind == "images" else 1
-    header = 4 + 4 * dims
-    if len(data) < header:
-        raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the {header}-byte IDX header")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != _IDX_MAGIC[kind]:
-        raise DataError(f"{path}: bad magic number {magic}, expected {_IDX_MAGIC[kind]} for IDX {kind}")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    expected = int(np.prod(shape))
-    found = len(data) - header
-    if found < expected:
-        raise DataError(f"{path}: truncated: header promises {expected} bytes of {kind} for shape {shape}, "
-                        f"file holds {found}")
-    if found > expected:
-        raise DataError(f"{path}: {found - expected} unexpected bytes after the {kind} of shape {shape}")
-    if kind == "images" and shape[1:] != (28, 28):
-        raise DataError(f"{path}: wrong image size {shape[1]}x{shape[2]}, expected 28x28")
-    array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    array = np.frombuffer(data, dtype=np.uint8).reshape((count,) + shape[1:])
     if kind == "labels" and array.size and array.max() > 9:
         raise DataError(f"{path}: label {array.max()} outside 0..9")
     return array
@@ -176,8 +191,8 @@ def load_idx_dataset(name, split="train", data_dir=None, limit=0, download=True)
                             f"{', '.join(map(str, searched))})")
         downloads.download_idx(name, searched[0], split)
         files = _idx_files_in(searched[0], split)
-    images = read_idx(files[0], "images")
-    labels = read_idx(files[1], "labels")
+    images = read_idx(files[0], "images", limit)
+    labels = read_idx(files[1], "labels", limit)
     _check_pair(images, labels, files[0], files[1])
     return _apply_limit(images, labels, limit)
 

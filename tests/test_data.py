@@ -217,3 +217,42 @@ def test_download_when_no_mirror_answers_is_one_clear_error(tmp_path):
         utils.load_mnist("train")
     assert "MNIST_DIR" in str(error.value)
     assert not list((tmp_path / "repo" / "data" / "mnist").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# Data that explodes: the reader takes no more than the header promises, and that only if it fits
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_gzip_bomb_after_a_valid_header_is_refused_without_inflating_it(tmp_path):
+    directory = tmp_path / "bomb"
+    images, _ = write_mnist(directory, count=10)
+    zeros = gzip.compress(b"\0" * 2**20)  # 1 MB of zeros in ~1 KB; 8192 members: 8 GB once inflated.
+    with open(directory / "train-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(gzip.compress(idx_bytes(images, 2051)))
+        for _ in range(8192):
+            handle.write(zeros)
+    with pytest.raises(errors.DataError, match="unexpected bytes after the images of shape") as error:
+        utils.load_mnist("train", directory)
+    assert "train-images-idx3-ubyte.gz" in str(error.value)
+    limited, _ = utils.load_mnist("train", directory, limit=4)  # --limit reads only what it keeps.
+    np.testing.assert_array_equal(limited, images[:4])
+
+
+def test_a_header_promising_more_than_memory_is_refused_before_reading(tmp_path):
+    directory = tmp_path / "huge"
+    write_mnist(directory, count=10)
+    header = (2051).to_bytes(4, "big") + (2**32 - 1).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + b"\0" * 784))
+    with pytest.raises(errors.DataError, match=r"header promises 4294967295 images \(3\d\d\d.\d GB\), more than"):
+        utils.load_mnist("train", directory)
+
+
+def test_a_download_killed_outright_leaves_no_part_file_behind_the_next(tmp_path, mirror, monkeypatch):
+    monkeypatch.setenv("MNIST_MIRROR", mirror.as_uri() + "/")
+    target = tmp_path / "downloaded"
+    target.mkdir()
+    stale = target / f".{TEST_FILES[0]}.part-999999999"  # A PID no process has: its download was killed.
+    stale.write_bytes(b"half a download")
+    utils.load_mnist("test", target, limit=5)
+    assert sorted(p.name for p in target.iterdir()) == sorted(TEST_FILES)

@@ -215,3 +215,52 @@ def test_evaluation_works_in_colour_and_on_a_class_subset(tmp_path, cifar_dir):
     assert evaluator.floor["classes"] == 2
     with pytest.raises(ValueError, match=r"shape \(N, 32, 32, 3\), got \(5, 28, 28\)"):
         evaluator.evaluate(np.zeros((5, 28, 28), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pickles that declare sizes no batch has, and a batch missing from the directory
+# ------------------------------------------------------------------------------------------------
+
+
+class HugeArray:
+    """Unpickling this asks numpy for a 1 TB array outright."""
+
+    def __init__(self, constructor, args):
+        self.constructor, self.args = constructor, args
+
+    def __reduce__(self):
+        return self.constructor, self.args
+
+
+@pytest.mark.parametrize("raw, fault", [
+    (b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b".", "expected 4611686018427387904 bytes in a bytes8"),
+    (pickle.dumps({b"data": HugeArray(np.ndarray, ((2**40,),)), b"labels": [0]}, protocol=2),
+     "an array of shape (1099511627776,) is larger than a CIFAR-10 batch"),
+    (pickle.dumps({b"data": HugeArray(np._core.multiarray._reconstruct, (np.ndarray, (2**40,), b"b")),
+                   b"labels": [0]}, protocol=2), "an array of shape (1099511627776,) is larger than a CIFAR-10 batch"),
+])
+def test_a_pickle_declaring_a_huge_size_is_refused_without_allocating_it(tmp_path, raw, fault):
+    path = write_cifar(tmp_path, raw=raw)
+    with pytest.raises(errors.DataError) as error:
+        cifar10.load("test", tmp_path)
+    assert fault in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_file_larger_than_a_batch_is_not_read(tmp_path):
+    path = write_cifar(tmp_path, raw=b"")
+    with open(path, "wb") as handle:
+        handle.truncate(cifar10.BATCH_BYTES + 1)  # Sparse: nothing is written.
+    with pytest.raises(errors.DataError, match="larger than a CIFAR-10 batch"):
+        cifar10.load("test", tmp_path)
+
+
+def test_a_missing_batch_is_named(tmp_path, cifar_dir):
+    directory = tmp_path / "cifar"
+    directory.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "test_batch"):
+        (directory / name).symlink_to(cifar_dir / name)
+    with pytest.raises(errors.DataError) as error:
+        cifar10.load("train", directory)
+    assert str(error.value) == (f"{directory}: incomplete CIFAR-10: data_batch_5 missing (the train split needs "
+                                f"data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5)")
+    assert cifar10.load("test", directory)[0].shape == (10000, 32, 32, 3)

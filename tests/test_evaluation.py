@@ -132,3 +132,27 @@ def test_eval_every_0_turns_evaluation_off(tmp_path, mnist_dir):
                     "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert json.loads((tmp_path / "run" / "history.json").read_text())["evaluations"] == []
+
+
+@pytest.mark.parametrize("damage", [
+    lambda directory: (directory / "floor.json").write_text('{"floor": 3}'),
+    lambda directory: (directory / "classifier.keras").write_bytes((directory / "classifier.keras").read_bytes()[:500]),
+])
+def test_a_damaged_classifier_cache_is_rebuilt_saying_so(tmp_path, test_set, damage):
+    images, labels = test_set[0][:600], test_set[1][:600]
+    messages = []
+
+    def load():
+        return evaluation.Evaluator.load_or_train(tmp_path, images, labels, images[:200], labels[:200],
+                                                  log=messages.append, epochs=1)
+
+    first = load()
+    directory = next(tmp_path.glob("classifier-*"))
+    damage(directory)
+    messages.clear()
+    rebuilt = load()
+    assert any(m.startswith(f"The cached evaluation classifier in {directory} is damaged") for m in messages)
+    assert rebuilt.floor == first.floor  # Trained again, deterministically, and cached again:
+    messages.clear()
+    load()
+    assert messages == []

@@ -56,7 +56,7 @@ def checkpoint_files(run_dir):
 @pytest.mark.parametrize("module, change, named", [
     (gan_mnist, ["--latent-dim", "64"], "--latent-dim 64 (the run has 100)"),
     (dcgan_mnist, ["--arch", "32"], "--arch 32 (the run has 28)"),
-    (dcgan_mnist, ["--kernel-size", "3", "--lr", "5e-4"], "--kernel-size 3 (the run has 5); --lr 0.0005"),
+    (dcgan_mnist, ["--kernel-size", "3", "--lr", "2e-3"], "--kernel-size 3 (the run has 5); --lr 0.002"),
 ])
 def test_resume_with_other_settings_is_refused_and_the_checkpoint_untouched(tmp_path, mnist_dir, capsys,
                                                                             module, change, named):
@@ -90,10 +90,11 @@ def test_an_existing_run_is_not_clobbered_without_resume_or_overwrite(tmp_path, 
     assert len(history_of(run_dir)["epochs"]) == 1
 
 
-def test_resume_without_a_checkpoint_and_past_the_end_are_refused(tmp_path, mnist_dir, capsys):
+def test_resume_without_a_run_and_past_the_end_are_refused(tmp_path, mnist_dir, capsys):
     with pytest.raises(SystemExit) as exit_status:
         errors.run_main(gan_mnist.main, ["--resume", "--out", str(tmp_path / "none")])
-    assert exit_status.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+    assert exit_status.value.code == 2 and "holds no run to resume" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
     run_dir = tmp_path / "run"
     gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
     with pytest.raises(SystemExit) as exit_status:
@@ -242,7 +243,7 @@ def test_a_generator_file_with_code_in_it_is_refused(tmp_path):
     run_dir.mkdir()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda z: z * 2)])
     model.save(run_dir / "generator.keras")
-    (run_dir / "config.json").write_text("{}")
+    (run_dir / "config.json").write_text(json.dumps({"format": run_directory.FORMAT, "script": "gan_mnist"}))
     with pytest.raises(errors.DataError, match="cannot load the generator"):
         sample.load_trained_generator(run_directory.RunDirectory(run_dir))
 
