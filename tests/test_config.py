@@ -81,6 +81,8 @@ def test_presets_give_their_own_defaults_and_flags_override_them():
     (gan_mnist, ["--seed", "-1"], "--seed"),
     (dcgan_mnist, ["--seed", str(2**32)], "--seed"),
     (gan_mnist, ["--generate", "4", "--seed", "-1"], "--seed"),
+    (gan_mnist, ["--checkpoint-minutes", "-1"], "--checkpoint-minutes"),
+    (dcgan_mnist, ["--checkpoint-minutes", "inf"], "--checkpoint-minutes"),
 ])
 def test_bad_flags_are_refused_in_one_line_naming_the_flag(module, argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_status:
