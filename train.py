@@ -1,15 +1,14 @@
-"""The training loop both scripts run: start or restore, epochs of compiled steps, the end-of-epoch outputs.
+"""The training loop both scripts run: start or restore, epochs of compiled steps, stopping cleanly.
 
 Not a script of its own: `gan_mnist.py` and `dcgan_mnist.py` call `train` with their `build(config)`,
 which returns the GAN's train step (one D and one G update on a batch) and the state a checkpoint
-holds. Around the steps this module keeps the run's bookkeeping: the checkpoint (`Checkpoint`),
-the progress line and the signals that stop a run cleanly (`StatusLine`, `StopRequests`), and
-what a user looks at after each epoch (`EpochOutputs`). Steps run `--steps-per-call` at a time in
-one compiled call with the dataset on the device (`compile_steps`).
+holds. Around the steps this module keeps the run going: it starts or restores (the state on disk
+is checkpoint.py's), runs `--steps-per-call` steps at a time in one compiled call with the dataset
+on the device (`compile_steps`), stops on a signal or a NaN with the command that resumes
+(`StopRequests`, `check_finite`), and hands each epoch to what the user watches (outputs.py).
 """
 
 import contextlib
-import json
 import shlex
 import signal
 import sys
@@ -22,16 +21,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import evaluation
 import gan
+import run_directory
 import sample
 import speed
 import utils
-from errors import DataError, TrainingStopped, UsageError, is_out_of_space, model_sizes, out_of_memory
-import run_directory
-
-METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # What each train step returns, per batch.
-
+from checkpoint import Checkpoint
+from errors import TrainingStopped, UsageError, is_out_of_space, model_sizes, out_of_memory
+from outputs import METRICS, EpochOutputs, outputs_behind
 
 CHECKPOINT_MINUTES = 10.0  # Besides each epoch's end: a crash loses minutes of training, not an epoch.
 
@@ -142,16 +139,6 @@ def train_epochs(config, run, session, train_steps, outputs, image_count):
     outputs.finish()
 
 
-def outputs_behind(run, epochs_done):
-    """Whether the run's outputs lack the last checkpointed epoch (it was stopped between the two)."""
-    try:
-        written = json.loads(run.history.read_text())["epochs"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return True
-    return (not written or written[-1].get("epoch") != epochs_done or not run.epoch_grid(epochs_done).is_file()
-            or not run.generator.is_file())
-
-
 def match_saved_precision(config, run):
     """On --resume, keep fp16 (whose optimizers carry a loss scale) or non-fp16, as the checkpoint holds.
 
@@ -248,82 +235,6 @@ def seed_everything(config):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-class Checkpoint:
-    """The whole training state, saved together so that a resumed run equals an uninterrupted one.
-
-    It holds the models, optimizers and noise generator of `state`, the fixed noise of the progress
-    grids, how far training got (completed epochs, and steps into the next) and the history, in
-    `checkpoints/` (the last three kept). TensorFlow writes each to `ckpt-N_temp/` and renames it
-    into place, so a crash mid-save leaves the earlier ones whole; `restore` falls back past any
-    that do not read.
-    """
-
-    def __init__(self, run, state, fixed_noise, steps_per_epoch):
-        self.run = run
-        self.progress = {"fixed_noise": tf.Variable(fixed_noise.astype(np.float32), trainable=False),
-                         "epochs_done": tf.Variable(0, dtype=tf.int64, trainable=False),
-                         "steps_into_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
-                         "history": tf.Variable("", dtype=tf.string, trainable=False)}
-        # Keras 3 models are not tracked by tf.train.Checkpoint, so their variables go in as lists
-        # (all of them: weights, batch-norm statistics and the dropout layers' random-number state).
-        tracked = {name: list(value.variables) if isinstance(value, keras.Model) else value
-                   for name, value in state.items()}
-        self.checkpoint = tf.train.Checkpoint(**tracked, **self.progress)
-        self._rebuild_lost_index()
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(run.checkpoints), max_to_keep=3)
-        self.steps_per_epoch = steps_per_epoch
-        self.saved_at = time.perf_counter()
-        # About what one checkpoint and an epoch's outputs take on disk: the models' weights with
-        # Adam's two moments, the average and generator.keras (float32), and a few MB of pictures.
-        weights = {name: sum(int(np.prod(v.shape)) for v in state[name].variables)
-                   for name in ("generator", "discriminator")}
-        self.bytes_per_epoch = 4 * (5 * weights["generator"] + 3 * weights["discriminator"]) + 3 * 2**20
-
-    def _rebuild_lost_index(self):
-        """Write `checkpoints/checkpoint`, the index TensorFlow reads, if it is lost while checkpoints remain."""
-        index, prefixes = self.run.checkpoints / "checkpoint", self.run.checkpoint_prefixes()
-        if prefixes and not index.is_file():
-            names = [Path(prefix).name for prefix in reversed(prefixes)]
-            index.write_text(f'model_checkpoint_path: "{names[-1]}"\n'
-                             + "".join(f'all_model_checkpoint_paths: "{name}"\n' for name in names))
-
-    def restore(self):
-        """Restore the newest checkpoint that reads into the state, saying which were skipped and why;
-        return the history it holds. DataError if none can be restored."""
-        skipped = []
-        for prefix in self.run.checkpoint_prefixes():
-            try:
-                self.checkpoint.restore(prefix).assert_existing_objects_matched()
-                history = json.loads(self.progress["history"].numpy().decode())
-            except (AssertionError, ValueError, IndexError, tf.errors.OpError) as error:
-                skipped.append(f"{Path(prefix).name} ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
-                continue
-            if skipped:
-                print(f"{self.run.checkpoints}: skipped the newer {'; '.join(skipped)}; resuming from "
-                      f"{Path(prefix).name}", file=sys.stderr)
-            return history
-        raise DataError(f"{self.run.checkpoints}: no checkpoint can be restored into this model: {'; '.join(skipped)}")
-
-    def position(self):
-        """(completed epochs, steps into the next) of the state as restored, or (0, 0)."""
-        return int(self.progress["epochs_done"].numpy()), int(self.progress["steps_into_epoch"].numpy())
-
-    def fixed_noise(self):
-        return self.progress["fixed_noise"].numpy()
-
-    def due(self, minutes):
-        """Whether `minutes` (> 0) have passed since the last save (or the start)."""
-        return minutes > 0 and time.perf_counter() - self.saved_at >= 60 * minutes
-
-    def save(self, history, epochs_completed, steps_into_epoch):
-        """Save everything after `epochs_completed` epochs and `steps_into_epoch` steps of the next."""
-        self.progress["epochs_done"].assign(epochs_completed)
-        self.progress["steps_into_epoch"].assign(steps_into_epoch)
-        self.progress["history"].assign(json.dumps(history))
-        self.manager.save(checkpoint_number=epochs_completed * self.steps_per_epoch + steps_into_epoch)
-        self.saved_at = time.perf_counter()
 
 
 def write_run_start(config, run, images, transform, history):
@@ -446,36 +357,6 @@ def interrupted(signum, config, run, where):
         f"the GIF so far. Resume with: {resume_command(config, run)}", 128 + signum)
 
 
-class StatusLine:
-    """A one-line progress display: position in the epoch, losses and speed.
-
-    On a terminal it rewrites itself in place; in a log file it prints a line every tenth of an epoch.
-    """
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-        self.interactive = sys.stdout.isatty()
-        self._last_printed = (0, 0)  # (epoch, tenth of it) of the last line printed to a log
-
-    def update(self, epoch, step, steps, images_per_second, values):
-        """Show the running position; on a terminal after every call, in a log every tenth of an epoch."""
-        text = f"epoch {epoch}/{self.epochs} step {step}/{steps} | {describe(values)} | {images_per_second:.0f} img/s"
-        if self.interactive:
-            print("\r" + text, end="", flush=True)
-        elif step < steps and (epoch, step * 10 // steps) > self._last_printed:
-            self._last_printed = (epoch, step * 10 // steps)
-            print(text, flush=True)
-
-    def finish_line(self, text):
-        """Replace the running line with `text`."""
-        print(("\r\033[K" if self.interactive else "") + text, flush=True)
-
-
-def describe(values):
-    return (f"D loss {values['d_loss']:.3f} G loss {values['g_loss']:.3f} "
-            f"D(x) {values['d_real']:.2f} D(G(z)) {values['d_fake']:.2f}")
-
-
 class StopNow(Exception):
     """A signal arrived while `StopRequests.at_once` was active."""
 
@@ -523,149 +404,3 @@ class StopRequests:
     def __exit__(self, *exc_info):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-# ---------------------------------------------------------------------------------------------
-# The end of an epoch, and of the run: grids, TensorBoard, evaluation, the generator, plots
-# ---------------------------------------------------------------------------------------------
-
-
-class EpochOutputs:
-    """Everything a user looks at while a run trains, written into its directory (keras-io's GANMonitor).
-
-    Per step: the history's iterations and TensorBoard scalars. Per epoch: the fixed-noise grid,
-    TensorBoard, every `--eval-every` epochs an evaluation (the raw G beside the average), the
-    trained generator, the history and plots. At the end: random_samples.png and metrics.json.
-    """
-
-    def __init__(self, config, run, session, evaluator, transform, hooks):
-        self.config, self.run, self.session, self.evaluator = config, run, session, evaluator
-        self.transform, self.hooks = transform, hooks
-        self.history = session.history
-        self.writer = tf.summary.create_file_writer(str(run.tensorboard))
-        self.status = StatusLine(config.epochs)
-        self.grid_noise, self.grid_labels, self.grid_columns = grid_inputs(config, session.fixed_noise)
-
-    def record_steps(self, call_values, steps_before):
-        """Append a call's per-step values to the history and to TensorBoard."""
-        for row, step_values in enumerate(call_values.tolist()):
-            for key, value in zip(METRICS, step_values):
-                self.history["iterations"][key].append(value)
-            with self.writer.as_default(step=steps_before + row + 1):
-                for key, value in zip(METRICS, step_values):
-                    tf.summary.scalar(f"iteration/{key}", value)
-
-    def end_epoch(self, epoch, means, seconds, stop):
-        """The epoch's summary line, the average's refresh and, when due, the evaluation; then the epoch
-        joins the history. Writes no file: the checkpoint comes first (see `write_epoch`)."""
-        config, steps = self.config, self.session.steps
-        images_per_second = steps * config.batch_size / seconds
-        self.status.finish_line(f"epoch {epoch}/{config.epochs} | {describe(means)} | {seconds:.1f} s, "
-                                f"{images_per_second:.0f} img/s | {self.run.epoch_grid(epoch).name}")
-        if self.session.averaged:
-            self.session.averaged.refresh()
-        if self.evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            with stop.at_once():  # It takes seconds: a signal interrupts it.
-                self.evaluate(epoch)
-        self.history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
-                                       "images_per_second": round(images_per_second, 1)})
-        self.history["total_seconds"] = round(time.perf_counter() - self.session.started, 3)
-
-    def write_epoch(self, epoch, gif=False):
-        """The outputs of a checkpointed epoch: its grid, TensorBoard, the generator file, history and plots."""
-        steps = self.session.steps
-        grid = utils.image_grid(sample.sample_images(self.session.sampler, self.grid_noise, self.grid_labels),
-                                self.grid_columns)
-        utils.save_png(self.run.epoch_grid(epoch), grid)
-        summary = next(e for e in self.history["epochs"] if e["epoch"] == epoch)
-        evaluations = [e for e in self.history["evaluations"] if e["epoch"] == epoch]
-        with self.writer.as_default(step=epoch * steps):
-            for key in METRICS + ("seconds",):
-                tf.summary.scalar(f"epoch/{key}", summary[key])
-            tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
-            for figures in evaluations:
-                for key in evaluation.FIGURES:
-                    tf.summary.scalar(f"evaluation/{key}", figures[key])
-                    if "raw" in figures:
-                        tf.summary.scalar(f"evaluation_raw_generator/{key}", figures["raw"][key])
-        self.writer.flush()
-        with utils.atomic_path(self.run.generator) as temporary:
-            self.session.sampler.save(temporary)
-        self.write_pictures(epoch, gif=gif)
-
-    def evaluate(self, epoch):
-        """Score the sampler (and, with --ema, the raw G beside it); print the figures and keep them in the history."""
-        config, evaluator, averaged = self.config, self.evaluator, self.session.averaged
-
-        def score(generator):
-            return sample.evaluate_generator(evaluator, generator, config.num_samples, config.seed,
-                                             self.transform, config)
-
-        figures = score(self.session.sampler)
-        if averaged:  # The raw generator too: the same training without the average, for comparison.
-            raw = score(self.session.state["generator"])
-            figures["raw"] = {key: raw[key] for key in evaluation.FIGURES}
-        print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
-              f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/{figures['classes']} classes, "
-              f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)"
-              + (f"; raw G without the average: FID {figures['raw']['fid']:.3g}, IS "
-                 f"{figures['raw']['inception_score']:.3g}, {figures['raw']['classes_covered']} classes"
-                 if averaged else ""))
-        self.history["evaluations"].append({"epoch": epoch, **figures})
-        self.hooks.evaluated(epoch, figures, score)
-
-    def stopped(self, epochs_done):
-        """When a signal stops training: the history, plots and GIF so far, and TensorBoard closed."""
-        self.write_pictures(epochs_done, gif=True)
-        self.writer.close()
-
-    def write_pictures(self, epochs_done, gif=False):
-        """The history and the loss and metric plots; with `gif`, the GIF of every epoch grid so far.
-
-        The GIF re-reads every grid, so it is made when training stops (at the end, or interrupted),
-        not after every epoch; a resumed run rebuilds it from all the grids.
-        """
-        run, history = self.run, self.history
-        utils.save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
-        utils.plot_history(run.loss_plot, history)
-        if self.evaluator and history["evaluations"]:
-            utils.plot_metrics(run.metrics_plot, history["evaluations"], self.evaluator.floor)
-        if gif:
-            utils.save_gif(run.progress_gif,
-                           [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
-
-    def finish(self):
-        """random_samples.png from fresh noise, metrics.json, and the run's closing lines."""
-        config, run, evaluator = self.config, self.run, self.evaluator
-        random_noise = np.random.default_rng(config.seed + 1).standard_normal((config.sample_grid ** 2,
-                                                                                config.latent_dim))
-        random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))
-        # The average's batch-norm statistics were refreshed after the last epoch; nothing has moved since.
-        utils.save_png(run.random_samples, utils.image_grid(
-            sample.sample_images(self.session.sampler, random_noise, random_labels), columns))
-        self.writer.close()
-        total = self.history["total_seconds"]
-        print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
-              f"Outputs in {run.path}")
-        if evaluator:
-            final = self.history["evaluations"][-1]
-            utils.save_json(run.metrics, {"epoch": final["epoch"], "figures": final, "real_data_floor": evaluator.floor,
-                                          "classifier_test_accuracy": evaluator.test_accuracy})
-            print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; {config.dataset} "
-                  f"classifier test accuracy {evaluator.test_accuracy:.4f}; written to {run.metrics.name}):\n"
-                  f"{evaluation.format_figures(final, evaluator.floor)}")
-
-
-def grid_inputs(config, noise):
-    """Noise and labels for a progress grid from `noise` (grid x grid vectors).
-
-    Unconditional: the grid x grid vectors, no labels. Conditional: one row per class in play and
-    one column per noise vector, the same vector down each column, so each frame shows every class
-    in the same styles. Returns (noise, one-hot labels or None, columns).
-    """
-    if not getattr(config, "conditional", False):
-        return noise, None, config.sample_grid
-    classes = utils.parse_classes(config.classes, config.dataset)
-    columns = noise[:config.sample_grid]
-    rows = np.repeat(np.array(classes, np.int32), len(columns))
-    return np.tile(columns, (len(classes), 1)), gan.one_hot(rows, config), len(columns)

@@ -20,6 +20,8 @@ import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
 import keras  # noqa: E402
 from tensorflow.python.checkpoint import functional_saver  # noqa: E402
 
+import outputs  # noqa: E402
+import sample  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -82,9 +84,9 @@ MOMENTS = {
                                 lambda path, *args, **kwargs: ".epoch_" in str(path)),
     "generator-save": lambda: after("generator-save", keras.Model, "save"),
     "history": lambda: before("history", utils, "save_json", lambda path, *args, **kwargs: "history" in str(path)),
-    "evaluation": lambda: before("evaluation", train.sample, "evaluate_generator"),
+    "evaluation": lambda: before("evaluation", sample, "evaluate_generator"),
     "gif": lambda: before("gif", utils, "save_gif"),
-    "finish": lambda: before("finish", train.EpochOutputs, "finish"),
+    "finish": lambda: before("finish", outputs.EpochOutputs, "finish"),
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""What a user watches while a run trains: the progress line, and each epoch's grid, plots, history and generator.
+
+`EpochOutputs` (after keras-io's GANMonitor) writes them into the run directory once the epoch's
+checkpoint is saved; `StatusLine` is the one-line progress display.
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import evaluation
+import gan
+import sample
+import utils
+
+METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # What each train step returns, per batch.
+
+
+class StatusLine:
+    """A one-line progress display: position in the epoch, losses and speed.
+
+    On a terminal it rewrites itself in place; in a log file it prints a line every tenth of an epoch.
+    """
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+        self.interactive = sys.stdout.isatty()
+        self._last_printed = (0, 0)  # (epoch, tenth of it) of the last line printed to a log
+
+    def update(self, epoch, step, steps, images_per_second, values):
+        """Show the running position; on a terminal after every call, in a log every tenth of an epoch."""
+        text = f"epoch {epoch}/{self.epochs} step {step}/{steps} | {describe(values)} | {images_per_second:.0f} img/s"
+        if self.interactive:
+            print("\r" + text, end="", flush=True)
+        elif step < steps and (epoch, step * 10 // steps) > self._last_printed:
+            self._last_printed = (epoch, step * 10 // steps)
+            print(text, flush=True)
+
+    def finish_line(self, text):
+        """Replace the running line with `text`."""
+        print(("\r\033[K" if self.interactive else "") + text, flush=True)
+
+
+def describe(values):
+    return (f"D loss {values['d_loss']:.3f} G loss {values['g_loss']:.3f} "
+            f"D(x) {values['d_real']:.2f} D(G(z)) {values['d_fake']:.2f}")
+
+
+
+class EpochOutputs:
+    """Everything a user looks at while a run trains, written into its directory (keras-io's GANMonitor).
+
+    Per step: the history's iterations and TensorBoard scalars. Per epoch: the fixed-noise grid,
+    TensorBoard, every `--eval-every` epochs an evaluation (the raw G beside the average), the
+    trained generator, the history and plots. At the end: random_samples.png and metrics.json.
+    """
+
+    def __init__(self, config, run, session, evaluator, transform, hooks):
+        self.config, self.run, self.session, self.evaluator = config, run, session, evaluator
+        self.transform, self.hooks = transform, hooks
+        self.history = session.history
+        self.writer = tf.summary.create_file_writer(str(run.tensorboard))
+        self.status = StatusLine(config.epochs)
+        self.grid_noise, self.grid_labels, self.grid_columns = grid_inputs(config, session.fixed_noise)
+
+    def record_steps(self, call_values, steps_before):
+        """Append a call's per-step values to the history and to TensorBoard."""
+        for row, step_values in enumerate(call_values.tolist()):
+            for key, value in zip(METRICS, step_values):
+                self.history["iterations"][key].append(value)
+            with self.writer.as_default(step=steps_before + row + 1):
+                for key, value in zip(METRICS, step_values):
+                    tf.summary.scalar(f"iteration/{key}", value)
+
+    def end_epoch(self, epoch, means, seconds, stop):
+        """The epoch's summary line, the average's refresh and, when due, the evaluation; then the epoch
+        joins the history. Writes no file: the checkpoint comes first (see `write_epoch`)."""
+        config, steps = self.config, self.session.steps
+        images_per_second = steps * config.batch_size / seconds
+        self.status.finish_line(f"epoch {epoch}/{config.epochs} | {describe(means)} | {seconds:.1f} s, "
+                                f"{images_per_second:.0f} img/s | {self.run.epoch_grid(epoch).name}")
+        if self.session.averaged:
+            self.session.averaged.refresh()
+        if self.evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            with stop.at_once():  # It takes seconds: a signal interrupts it.
+                self.evaluate(epoch)
+        self.history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
+                                       "images_per_second": round(images_per_second, 1)})
+        self.history["total_seconds"] = round(time.perf_counter() - self.session.started, 3)
+
+    def write_epoch(self, epoch, gif=False):
+        """The outputs of a checkpointed epoch: its grid, TensorBoard, the generator file, history and plots."""
+        steps = self.session.steps
+        grid = utils.image_grid(sample.sample_images(self.session.sampler, self.grid_noise, self.grid_labels),
+                                self.grid_columns)
+        utils.save_png(self.run.epoch_grid(epoch), grid)
+        summary = next(e for e in self.history["epochs"] if e["epoch"] == epoch)
+        evaluations = [e for e in self.history["evaluations"] if e["epoch"] == epoch]
+        with self.writer.as_default(step=epoch * steps):
+            for key in METRICS + ("seconds",):
+                tf.summary.scalar(f"epoch/{key}", summary[key])
+            tf.summary.image("fixed_noise_grid", grid.reshape((1,) + grid.shape[:2] + (-1,)))
+            for figures in evaluations:
+                for key in evaluation.FIGURES:
+                    tf.summary.scalar(f"evaluation/{key}", figures[key])
+                    if "raw" in figures:
+                        tf.summary.scalar(f"evaluation_raw_generator/{key}", figures["raw"][key])
+        self.writer.flush()
+        with utils.atomic_path(self.run.generator) as temporary:
+            self.session.sampler.save(temporary)
+        self.write_pictures(epoch, gif=gif)
+
+    def evaluate(self, epoch):
+        """Score the sampler (and, with --ema, the raw G beside it); print the figures and keep them in the history."""
+        config, evaluator, averaged = self.config, self.evaluator, self.session.averaged
+
+        def score(generator):
+            return sample.evaluate_generator(evaluator, generator, config.num_samples, config.seed,
+                                             self.transform, config)
+
+        figures = score(self.session.sampler)
+        if averaged:  # The raw generator too: the same training without the average, for comparison.
+            raw = score(self.session.state["generator"])
+            figures["raw"] = {key: raw[key] for key in evaluation.FIGURES}
+        print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
+              f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/{figures['classes']} classes, "
+              f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)"
+              + (f"; raw G without the average: FID {figures['raw']['fid']:.3g}, IS "
+                 f"{figures['raw']['inception_score']:.3g}, {figures['raw']['classes_covered']} classes"
+                 if averaged else ""))
+        self.history["evaluations"].append({"epoch": epoch, **figures})
+        self.hooks.evaluated(epoch, figures, score)
+
+    def stopped(self, epochs_done):
+        """When a signal stops training: the history, plots and GIF so far, and TensorBoard closed."""
+        self.write_pictures(epochs_done, gif=True)
+        self.writer.close()
+
+    def write_pictures(self, epochs_done, gif=False):
+        """The history and the loss and metric plots; with `gif`, the GIF of every epoch grid so far.
+
+        The GIF re-reads every grid, so it is made when training stops (at the end, or interrupted),
+        not after every epoch; a resumed run rebuilds it from all the grids.
+        """
+        run, history = self.run, self.history
+        utils.save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
+        utils.plot_history(run.loss_plot, history)
+        if self.evaluator and history["evaluations"]:
+            utils.plot_metrics(run.metrics_plot, history["evaluations"], self.evaluator.floor)
+        if gif:
+            utils.save_gif(run.progress_gif,
+                           [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
+
+    def finish(self):
+        """random_samples.png from fresh noise, metrics.json, and the run's closing lines."""
+        config, run, evaluator = self.config, self.run, self.evaluator
+        random_noise = np.random.default_rng(config.seed + 1).standard_normal((config.sample_grid ** 2,
+                                                                                config.latent_dim))
+        random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))
+        # The average's batch-norm statistics were refreshed after the last epoch; nothing has moved since.
+        utils.save_png(run.random_samples, utils.image_grid(
+            sample.sample_images(self.session.sampler, random_noise, random_labels), columns))
+        self.writer.close()
+        total = self.history["total_seconds"]
+        print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
+              f"Outputs in {run.path}")
+        if evaluator:
+            final = self.history["evaluations"][-1]
+            utils.save_json(run.metrics, {"epoch": final["epoch"], "figures": final, "real_data_floor": evaluator.floor,
+                                          "classifier_test_accuracy": evaluator.test_accuracy})
+            print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; {config.dataset} "
+                  f"classifier test accuracy {evaluator.test_accuracy:.4f}; written to {run.metrics.name}):\n"
+                  f"{evaluation.format_figures(final, evaluator.floor)}")
+
+
+def grid_inputs(config, noise):
+    """Noise and labels for a progress grid from `noise` (grid x grid vectors).
+
+    Unconditional: the grid x grid vectors, no labels. Conditional: one row per class in play and
+    one column per noise vector, the same vector down each column, so each frame shows every class
+    in the same styles. Returns (noise, one-hot labels or None, columns).
+    """
+    if not getattr(config, "conditional", False):
+        return noise, None, config.sample_grid
+    classes = utils.parse_classes(config.classes, config.dataset)
+    columns = noise[:config.sample_grid]
+    rows = np.repeat(np.array(classes, np.int32), len(columns))
+    return np.tile(columns, (len(classes), 1)), gan.one_hot(rows, config), len(columns)
+
+
+def outputs_behind(run, epochs_done):
+    """Whether the run's outputs lack the last checkpointed epoch (it was stopped between the two)."""
+    try:
+        written = json.loads(run.history.read_text())["epochs"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+    return (not written or written[-1].get("epoch") != epochs_done or not run.epoch_grid(epochs_done).is_file()
+            or not run.generator.is_file())
