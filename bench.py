@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import distribute
 import speed
 import train
 from errors import UsageError
@@ -129,7 +130,7 @@ def _peak_memory_mb():
     return host, device
 
 
-def time_training(config, data, build, min_seconds=6.0, min_steps=2):
+def time_training(config, data, build, min_seconds=6.0, min_steps=2, strategy=None):
     """Steady-state seconds per step (and peak memory) of the training step under `config`'s settings.
 
     The result also holds "window": a function that times one more window and returns its seconds
@@ -137,8 +138,8 @@ def time_training(config, data, build, min_seconds=6.0, min_steps=2):
     """
     _reset_peak_memory()
     images, labels = data
-    train_step, state, _ = train.build_for_training(config, build)
-    train_steps = train.compile_steps(train_step, images, labels, config)
+    train_step, state, _ = train.build_for_training(config, build, strategy)
+    train_steps = train.compile_steps(train_step, images, labels, config, strategy)
     rng = np.random.default_rng(0)
     calls = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
              for _ in range(4)]
@@ -160,12 +161,13 @@ def time_training(config, data, build, min_seconds=6.0, min_steps=2):
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device, "window": window}
 
 
-def benchmark(config, data, build, min_seconds=6.0, alternations=3):
+def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=None):
     """Time training steps at steady state and print them against the matmul peak and a plain fp32 step.
 
     Rows: a plain fp32 step (one step per call, no XLA), the chosen settings, and the chosen
-    settings at each of `config.batch_sizes`. Every figure is measured in this run; the first two
-    rows, whose ratio is the speedup, get `alternations` more windows each, taken in turn.
+    settings at each of `config.batch_sizes`; under a `strategy` of several replicas, also the
+    chosen settings on one device, for the scaling. Every figure is measured in this run; the first
+    two rows, whose ratio is the speedup, get `alternations` more windows each, taken in turn.
     """
     images, labels = data
     devices = [d.name for d in tf.config.list_physical_devices("GPU")] or ["CPU"]
@@ -175,16 +177,20 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3):
             f"real {config.dataset} batches from {len(images)} images")
     data = (tf.constant(images), tf.constant(labels))
     plain = SimpleNamespace(**{**vars(config), "precision": "fp32", "xla": False, "steps_per_call": 1})
-    settings = [("plain fp32 step", plain), ("chosen settings", config)]
+    settings = [("plain fp32 step", plain, strategy), ("chosen settings", config, strategy)]
     for batch_size in config.batch_sizes or []:
-        settings.append((f"chosen, batch {batch_size}", SimpleNamespace(**{**vars(config), "batch_size": batch_size})))
+        settings.append((f"chosen, batch {batch_size}", SimpleNamespace(**{**vars(config), "batch_size": batch_size}),
+                         strategy))
+    replicas = getattr(config, "replicas", 1)
+    if replicas > 1:
+        settings.append(("chosen, one device", config, None))
     peaks = {}
     rows = []
-    for label, setting in settings:
+    for label, setting, on in settings:
         if setting.batch_size > len(images):
             print(f"  (skipping batch {setting.batch_size}: larger than the {len(images)} images)")
             continue
-        result = time_training(setting, data, build, min_seconds)
+        result = time_training(setting, data, build, min_seconds, strategy=on)
         if setting.precision not in peaks:
             peaks[setting.precision] = matmul_peak(setting.precision)
         rows.append((label, setting, result))
@@ -220,6 +226,10 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3):
     speedup = rows[0][2]["seconds"] / rows[1][2]["seconds"]
     print(f"Speedup of the chosen settings ({config.precision}, XLA {'on' if config.xla else 'off'}, "
           f"{config.steps_per_call} steps per call) over the plain fp32 step: {speedup:.2f}x")
+    if replicas > 1:
+        scaling = rows[-1][2]["seconds"] / rows[1][2]["seconds"]
+        print(f"Scaling over {replicas} replicas ({distribute.describe(config)}) against one device: {scaling:.2f}x "
+              f"({scaling / replicas:.0%} per replica)")
     print("peak: a large matmul's GFLOP/s in that precision, measured in this run; GFLOP/img counts one "
           "image's share of a D and a G update (bench.training_flops); host MB: peak RSS while timing.")
     return rows

@@ -4,8 +4,8 @@ Every upper-case constant of plain type in a script's hyperparameter block is a 
 same name (`BATCH_SIZE` is `--batch-size`), its value the default and its comment the help
 (karpathy/nanoGPT's configurator, with types and checks). The other flags come in groups, each
 defined beside the code that uses it: data (utils.py), the run directory (run_directory.py),
-training (train.py), sampling and scoring (sample.py), speed (speed.py) and the benchmark
-(bench.py); each group also checks its own flags. A bad flag or value is one `UsageError` naming
+training (train.py), sampling and scoring (sample.py), speed (speed.py), devices (distribute.py)
+and the benchmark (bench.py); each group also checks its own flags. A bad flag or value is one `UsageError` naming
 the flag.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import bench
+import distribute
 import run_directory
 import sample
 import speed
@@ -102,6 +103,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     train.add_flags(parser)
     sample.add_flags(parser)
     speed.add_flags(parser)
+    distribute.add_flags(parser)
     bench.add_flags(parser)
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -116,7 +118,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
             if key in names and getattr(config, key) is None:
                 setattr(config, key, value)
     _check_hyperparameters(config)
-    for group in (utils, run_directory, train, sample, speed, bench):
+    for group in (utils, run_directory, train, sample, speed, distribute, bench):
         group.check_flags(config)
     return config
 

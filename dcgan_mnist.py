@@ -21,12 +21,13 @@ import tensorflow as tf  # noqa: E402
 
 import bench  # noqa: E402
 import configurator  # noqa: E402
+import distribute  # noqa: E402
 import sample  # noqa: E402
 import speed  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from gan import (assemble, cross_entropy, d_scores, label_helpers, logits_and_r1_penalty,  # noqa: E402
-                 make_optimizer)
+from gan import (GlobalBatchNormalization, assemble, cross_entropy, d_scores, global_mean,  # noqa: E402
+                 label_helpers, logits_and_r1_penalty, make_optimizer)
 from run_directory import RunDirectory  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -102,9 +103,11 @@ def weights():
 
 
 def batch_norm(config):
-    """Batch norm with its scale drawn from N(1, 0.02), as in the DCGAN reference code."""
-    return keras.layers.BatchNormalization(momentum=config.bn_momentum, epsilon=1e-5,
-                                           gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02))
+    """Batch norm with its scale drawn from N(1, 0.02), as in the DCGAN reference code; over several
+    replicas, on the statistics of the whole batch."""
+    normalization = GlobalBatchNormalization if config.replicas > 1 else keras.layers.BatchNormalization
+    return normalization(momentum=config.bn_momentum, epsilon=1e-5,
+                         gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02))
 
 
 def build_generator(config, preset):
@@ -201,7 +204,8 @@ def build_training(config, preset):
                                                             config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(config, real_logits, fake_logits)
-            scaled_loss = d_optimizer.scale_loss(d_loss + r1_penalty)  # Times the loss scale under fp16.
+            # Its share of the global batch's mean, times the loss scale under fp16.
+            scaled_loss = d_optimizer.scale_loss(global_mean(d_loss + r1_penalty))
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
@@ -211,7 +215,7 @@ def build_training(config, preset):
             with tf.GradientTape() as tape:
                 fake_images = generator(conditioned(noise, fake_labels), training=True)
                 g_loss = generator_loss(config, discriminator(conditioned(fake_images, fake_labels), training=True))
-                scaled_loss = g_optimizer.scale_loss(g_loss)
+                scaled_loss = g_optimizer.scale_loss(global_mean(g_loss))
             gradients = tape.gradient(scaled_loss, generator.trainable_variables)
             g_optimizer.apply(gradients, generator.trainable_variables)
 
@@ -231,6 +235,7 @@ def main(argv=None, hooks=None):
         return
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+    strategy = distribute.resolve(config)  # One device, or every GPU (--distribute).
     preset = PRESETS[config.arch]
     # Steps of ~0.2 s on the CPU: no Python overhead to hide, so one step per call there.
     speed.resolve(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))
@@ -241,9 +246,9 @@ def main(argv=None, hooks=None):
         return build_training(settings, preset)
 
     if config.benchmark:
-        bench.benchmark(config, data, build)
+        bench.benchmark(config, data, build, strategy=strategy)
     else:
-        train.train(config, run, data, build, transform, hooks)
+        train.train(config, run, data, build, transform, hooks, strategy)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,39 @@ def logits_and_r1_penalty(discriminator, inputs, gamma):
     return logits, 0.5 * gamma * tf.reduce_mean(squared_norms)
 
 
+@keras.saving.register_keras_serializable(package="tf2_gan_mnist")
+class GlobalBatchNormalization(keras.layers.BatchNormalization):
+    """Batch norm on the statistics of the whole batch across tf.distribute replicas (under a
+    strategy of several; a plain BatchNormalization otherwise).
+
+    Keras's `synchronized=True` computes the variance as E[x^2] - E[x]^2; one device's
+    tf.nn.moments computes E[(x - stop_gradient(mean))^2]. Both give the same values and first
+    derivatives, but R1 differentiates twice, and there they differ; this layer all-reduces the
+    one-device formula, so that N replicas take the step one device does.
+    """
+
+    def _moments(self, inputs, mask):
+        context = tf.distribute.get_replica_context()
+        if mask is not None or context is None or context.num_replicas_in_sync == 1:
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        count = context.all_reduce("sum", tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), axes)), inputs.dtype))
+        mean = context.all_reduce("sum", tf.reduce_sum(inputs, axes)) / count
+        squares = tf.reduce_sum(tf.math.squared_difference(inputs, tf.stop_gradient(mean)), axes)
+        return mean, context.all_reduce("sum", squares) / count
+
+
+def global_mean(loss):
+    """A replica's batch-mean `loss` as its share of the mean over the global batch.
+
+    tf.distribute sums the replicas' gradients, so with N replicas of batch B/N each contributes
+    loss / N: what `tf.nn.compute_average_loss(per_example, global_batch_size=B)` gives. One device:
+    the loss as it is.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss / replicas if replicas > 1 else loss
+
+
 def cross_entropy(logits, target):
     """Mean binary cross-entropy of D(x) = sigmoid(logits) against a constant target (1: real, 0: fake)."""
     labels = tf.fill(tf.shape(logits), tf.constant(target, logits.dtype))

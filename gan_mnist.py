@@ -17,12 +17,13 @@ import tensorflow as tf  # noqa: E402
 
 import bench  # noqa: E402
 import configurator  # noqa: E402
+import distribute  # noqa: E402
 import sample  # noqa: E402
 import speed  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from gan import (assemble, cross_entropy, d_scores, label_helpers, logits_and_r1_penalty,  # noqa: E402
-                 make_optimizer)
+from gan import (assemble, cross_entropy, d_scores, global_mean, label_helpers,  # noqa: E402
+                 logits_and_r1_penalty, make_optimizer)
 from run_directory import RunDirectory  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +146,8 @@ def build_training(config):
                                                             config.r1)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(config, real_logits, fake_logits)
-            scaled_loss = d_optimizer.scale_loss(d_loss + r1_penalty)  # Times the loss scale under fp16.
+            # Its share of the global batch's mean, times the loss scale under fp16.
+            scaled_loss = d_optimizer.scale_loss(global_mean(d_loss + r1_penalty))
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
@@ -155,7 +157,7 @@ def build_training(config):
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
             g_loss = generator_loss(config, discriminator(conditioned(fake_images, fake_labels), training=True))
-            scaled_loss = g_optimizer.scale_loss(g_loss)
+            scaled_loss = g_optimizer.scale_loss(global_mean(g_loss))
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)
 
@@ -174,12 +176,13 @@ def main(argv=None, hooks=None):
         return
     if not config.benchmark:
         run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+    strategy = distribute.resolve(config)  # One device, or every GPU (--distribute).
     speed.resolve(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
     data = utils.load_training_images(config)  # uint8 images (60000, 28, 28, 1) and labels for MNIST
     if config.benchmark:
-        bench.benchmark(config, data, build_training)
+        bench.benchmark(config, data, build_training, strategy=strategy)
     else:
-        train.train(config, run, data, build_training, hooks=hooks)
+        train.train(config, run, data, build_training, hooks=hooks, strategy=strategy)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import distribute
 import gan
 import run_directory
 import sample
@@ -67,12 +68,13 @@ class Hooks:
         """After each evaluation: `figures` of the sampler; `score(generator)` scores another the same way."""
 
 
-def train(config, run, data, build, transform="none", hooks=None):
+def train(config, run, data, build, transform="none", hooks=None, strategy=None):
     """Train the GAN that `build(config)` makes on `data` (images, labels), writing every output into `run`.
 
     `build(config)` returns (train_step, state): `train_step(images, labels)` runs one D and one G
     update and returns the batch's METRICS; `state` names what a checkpoint must hold to go on (the
     models `generator` and `discriminator`, their optimizers, the noise generator `noise_rng`).
+    Under a tf.distribute `strategy` (distribute.py) every replica trains its share of each batch.
     With `config.resume` training goes on from the newest readable checkpoint. SIGINT or SIGTERM
     stops it after the current step with a checkpoint saved; a non-finite loss stops it keeping
     the last good checkpoint; both raise TrainingStopped. A full disk raises DataError with every
@@ -87,11 +89,11 @@ def train(config, run, data, build, transform="none", hooks=None):
         match_saved_precision(config, run)
         print_devices(config)
         with out_of_memory("building the models", model_sizes(config)):
-            session = start_or_restore(config, run, build, hooks, steps)
+            session = start_or_restore(config, run, build, hooks, steps, strategy)
         try:
             write_run_start(config, run, images, transform, session.history)
             train_steps = hooks.calls(compile_steps(session.train_step, tf.constant(images), tf.constant(labels),
-                                                    config))
+                                                    config, strategy))
             with out_of_memory("training", model_sizes(config)):
                 train_epochs(config, run, session, train_steps, EpochOutputs(config, run, session, evaluator,
                                                                              transform, hooks), len(images))
@@ -163,11 +165,12 @@ def match_saved_precision(config, run):
 
 def print_devices(config):
     devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
-    print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}; precision "
-          f"{config.precision}, XLA {'on' if config.xla else 'off'}, {config.steps_per_call} steps per call")
+    print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}, "
+          f"{distribute.describe(config)}; precision {config.precision}, XLA {'on' if config.xla else 'off'}, "
+          f"{config.steps_per_call} steps per call")
 
 
-def start_or_restore(config, run, build, hooks, steps):
+def start_or_restore(config, run, build, hooks, steps, strategy=None):
     """Build everything a run holds and, with --resume, restore it from the last checkpoint.
 
     Returns a namespace: the train step, `state`, the `averaged` generator (or None), the
@@ -175,7 +178,7 @@ def start_or_restore(config, run, build, hooks, steps):
     `history`, how far training got (`epochs_done`, and `skip` steps into the next epoch) and the
     `fixed_noise` of the progress grids.
     """
-    train_step, state, averaged = build_for_training(config, build)
+    train_step, state, averaged = build_for_training(config, build, strategy)
     train_step = hooks.step(train_step, state, averaged)
     fixed_noise = np.random.default_rng(config.seed).standard_normal((config.sample_grid ** 2, config.latent_dim))
     checkpoint = Checkpoint(run, state, fixed_noise, steps)
@@ -199,12 +202,18 @@ def start_or_restore(config, run, build, hooks, steps):
                            steps=steps)
 
 
-def build_for_training(config, build):
-    """Seed, set the precision policy, call the script's `build(config)`, and add the average of G.
+def build_for_training(config, build, strategy=None):
+    """Seed, set the precision policy, call the script's `build(config)`, and add the average of G,
+    all in `strategy`'s scope (the default: one device).
 
     Returns (train_step, state, averaged): with --ema, `averaged` is the AveragedGenerator,
     `train_step` also updates it and `state` (what a checkpoint holds) includes it; else None.
     """
+    with (strategy or tf.distribute.get_strategy()).scope():
+        return _build_for_training(config, build)
+
+
+def _build_for_training(config, build):
     seed_everything(config)
     speed.set_precision(config.precision)
     if not config.xla:
@@ -224,7 +233,8 @@ def build_for_training(config, build):
 
     def step_and_average(real_images, real_labels):
         values = train_step(real_images, real_labels)
-        averaged.update()
+        # Once per step for all replicas (in cross-replica context; a plain call on one device).
+        tf.distribute.get_replica_context().merge_call(lambda strategy: averaged.update())
         return values
 
     return step_and_average, state | {"averaged_generator": averaged.variables}, averaged
@@ -260,23 +270,41 @@ def resolved_config(config):
 # ---------------------------------------------------------------------------------------------
 
 
-def compile_steps(train_step, images, labels, config):
+def compile_steps(train_step, images, labels, config, strategy=None):
     """K training steps in one compiled call, each gathering its batch from the dataset on the device.
 
     `images` is the uint8 training set (N, S, S, C); each batch is scaled to [-1, 1] in the call and
     passed to `train_step(images, labels)` with its int32 labels (which an unconditional GAN ignores).
-    The returned function takes (K, batch_size) image indices and returns (K, 4) float32 values of
-    METRICS. Its signature leaves K open, so the shorter last call of an epoch does not retrace.
+    Under a tf.distribute `strategy` of N replicas each replica takes its N-th of the batch from its
+    own copy of the dataset, and the returned values are the replicas' mean. The returned function
+    takes (K, batch_size) image indices and returns (K, 4) float32 values of METRICS. Its signature
+    leaves K open, so the shorter last call of an epoch does not retrace.
     """
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    share = config.batch_size // replicas
+    if replicas > 1:
+        with strategy.scope():  # Mirrored: one copy of the dataset on each device.
+            images = tf.Variable(images, trainable=False)
+            labels = tf.Variable(labels, trainable=False)
+
+    def replica_step(step_indices):
+        mine = step_indices
+        if replicas > 1:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            mine = step_indices[replica * share:(replica + 1) * share]
+        batch = tf.cast(tf.gather(images, mine), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        step_values = train_step(batch, tf.gather(labels, mine))
+        return tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS])
 
     @tf.function(input_signature=[tf.TensorSpec((None, config.batch_size), tf.int32)], jit_compile=config.xla)
     def train_steps(batch_indices):
         count = tf.shape(batch_indices)[0]
         values = tf.TensorArray(tf.float32, size=count)
-        for index in tf.range(count):
-            batch = tf.cast(tf.gather(images, batch_indices[index]), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
-            step_values = train_step(batch, tf.gather(labels, batch_indices[index]))
-            values = values.write(index, tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS]))
+        for index in tf.range(count):  # Outside strategy.run: one compiled call holds K steps.
+            per_replica = strategy.run(replica_step, args=(batch_indices[index],))
+            values = values.write(index, strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+                                  if replicas > 1 else per_replica)
         return values.stack()
 
     return train_steps

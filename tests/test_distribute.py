@@ -1,0 +1,56 @@
+"""--distribute: the CPU split into two logical devices stands in for two GPUs; the maths is the same, runs move
+between one device and several."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import gan_mnist
+from conftest import REPO, run_script
+
+MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("gan_mnist.py", ["--dropout", "0", "--r1", "1"]),  # Dropout masks are per-replica draws, like the noise.
+    ("dcgan_mnist.py", []),                              # Batch norm in G and D, R1 1, the average.
+    ("dcgan_mnist.py", ["--conditional", "--g-steps", "2"]),
+])
+def test_one_step_on_two_replicas_equals_one_step_on_one_device(script, flags):
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "distributed_step.py"), script, "--batch-size", "8",
+                             "--precision", "fp32", *flags], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(report)
+    for model, difference in report["difference"].items():
+        # An Adam step moves a weight by up to the learning rate; the two agree to 5% of it.
+        assert difference < 0.05 * report["lr"], (model, difference)
+        assert report["moved"][model] > 20 * difference, model  # The step did move: the test can tell.
+    assert report["metrics_difference"] < 1e-4
+
+
+def test_a_mirrored_run_writes_its_outputs_once_and_moves_between_device_counts(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    flags = ["--limit", "640", "--batch-size", "64", "--eval-every", "0", "--seed", "2", "--data-dir", str(mnist_dir),
+             "--out", str(run_dir)]
+    first = run_script("gan_mnist.py", *flags, "--epochs", "1", *MIRRORED)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "MirroredStrategy over 2 replicas of batch 32" in first.stdout
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 64
+    gan_mnist.main(["--resume", "--epochs", "2", "--out", str(run_dir), "--data-dir", str(mnist_dir)])  # One device.
+    again = run_script("gan_mnist.py", "--resume", "--epochs", "3", "--out", str(run_dir), "--data-dir",
+                       str(mnist_dir), *MIRRORED)
+    assert again.returncode == 0, again.stderr[-3000:]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and len(history["iterations"]["d_loss"]) == 30
+    assert sorted(p.name for p in run_dir.glob("epoch_*.png")) == ["epoch_001.png", "epoch_002.png", "epoch_003.png"]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3  # One writer per process.
+
+
+def test_a_batch_that_does_not_split_over_the_replicas_is_one_line(tmp_path):
+    result = run_script("gan_mnist.py", "--batch-size", "63", *MIRRORED, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "argument --batch-size: 63 does not split evenly over the 2 replicas of --distribute mirrored" in result.stderr
+    assert not (tmp_path / "run").exists()
