@@ -86,9 +86,27 @@ def make_optimizer(config, variables):
     """
     optimizer = keras.optimizers.Adam(config.lr, beta_1=config.beta1, beta_2=config.beta2)
     if config.precision == "fp16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = ReplicaSafeLossScaleOptimizer(optimizer)
     optimizer.build(variables)
     return optimizer
+
+
+class ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """A LossScaleOptimizer that skips a step on every replica when any replica's gradients overflow.
+
+    Under MirroredStrategy Keras's checks only the first replica's gradients for inf or NaN, so an
+    overflow on another replica would be applied and corrupt the weights. Here each replica's
+    finiteness is all-reduced first, and an overflow anywhere makes every replica's gradients
+    non-finite: the step is skipped and the loss scale halved everywhere, as on one device.
+    """
+
+    def apply(self, grads, trainable_variables=None):
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            local = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+            overflowed = context.all_reduce("sum", tf.cast(tf.logical_not(local), tf.float32)) > 0
+            grads = [g if g is None else tf.where(overflowed, tf.cast(float("nan"), g.dtype), g) for g in grads]
+        return super().apply(grads, trainable_variables)
 
 
 def logits_and_r1_penalty(discriminator, inputs, gamma):

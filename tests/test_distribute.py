@@ -54,3 +54,44 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "argument --batch-size: 63 does not split evenly over the 2 replicas of --distribute mirrored" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+OVERFLOW_ON_ONE_REPLICA = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import errors, distribute, gan, keras, tensorflow as tf
+from types import SimpleNamespace
+distribute.split_cpu(2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+config = SimpleNamespace(lr=0.1, beta1=0.5, beta2=0.999, precision="fp16")
+results = {}
+for name, make in (("keras", lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.1))),
+                   ("guarded", lambda: gan.make_optimizer(config, [weight]))):
+    with strategy.scope():
+        weight = keras.Variable([1.0, 2.0])
+        optimizer = make()
+        optimizer.build([weight])
+
+    @tf.function
+    def step():
+        def replica():  # Replica 1's gradient overflows; replica 0's is fine.
+            second = tf.distribute.get_replica_context().replica_id_in_sync_group == 1
+            optimizer.apply([tf.where(second, tf.constant([float("inf"), 1.0]), tf.constant([1.0, 1.0]))], [weight])
+        strategy.run(replica)
+
+    step()
+    results[name] = {"weights": [w.numpy().tolist() for w in strategy.experimental_local_results(weight.value)],
+                     "scale": float(optimizer.dynamic_scale.numpy())}
+print(json.dumps(results))
+"""
+
+
+def test_an_fp16_overflow_on_one_replica_skips_the_step_on_all():
+    result = subprocess.run([sys.executable, "-c", OVERFLOW_ON_ONE_REPLICA, str(REPO)], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    print(results)
+    assert results["keras"]["weights"][0] != [1.0, 2.0]  # Keras alone checks replica 0 only and applies the inf.
+    assert results["guarded"]["weights"] == [[1.0, 2.0], [1.0, 2.0]]  # Skipped on both replicas,
+    assert results["guarded"]["scale"] == 2.0 ** 14  # and the loss scale halved from 2**15, as on one device.

@@ -1,0 +1,30 @@
+"""tools/gpu_check.sh, the check run whenever a GPU machine is lent: its CPU-safe parts run here, so it cannot rot."""
+
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def gpu_check(tmp_path, only, **env):
+    return subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--cpu"], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=dict(os.environ, GPU_CHECK_ONLY=only,
+                                                          GPU_CHECK_LOGS=str(tmp_path / "logs"), **env))
+
+
+def test_the_gpu_check_lists_the_devices_and_benchmarks_into_one_table(tmp_path, mnist_dir):
+    result = gpu_check(tmp_path, "devices bench_gan", MNIST_DIR=str(mnist_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout[result.stdout.index("GPU check (cpu)"):].splitlines()
+    rows = {line.split()[0]: line for line in table[2:]}
+    assert set(rows) == {"devices", "bench_gan"}
+    assert "passed" in rows["devices"] and "GPUs: 0 (the CPU only)" in rows["devices"]
+    assert "passed" in rows["bench_gan"] and "Speedup of the chosen settings" in rows["bench_gan"]
+    assert "plain fp32 step" in (tmp_path / "logs" / "bench_gan.log").read_text()
+
+
+def test_a_check_past_its_timeout_is_marked_and_fails_the_run(tmp_path):
+    result = gpu_check(tmp_path, "devices", GPU_CHECK_TIMEOUT_SCALE="0.001")  # 60 s -> 1 s: TensorFlow loads slower.
+    assert result.returncode == 1
+    assert "[devices] timed out (1 s)" in result.stdout
+    assert any(line.startswith("devices") and "timed out (1 s)" in line for line in result.stdout.splitlines())

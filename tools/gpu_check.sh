@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU check: the whole GPU path in a few minutes, on a fresh CUDA machine, ending in one table.
+#
+#   bash tools/gpu_check.sh            # on a GPU machine: install, then every check (at most ~8 minutes)
+#   bash tools/gpu_check.sh --cpu      # the same checks, small, on the CPU (what CI runs, so it cannot rot)
+#
+# Each check runs under its own timeout; one that fails or times out is marked so and the rest go on.
+# The exit status is 0 only if every check passed. Logs: $GPU_CHECK_LOGS (default: a temporary
+# directory), one file per check. $GPU_CHECK_ONLY picks checks by name; $GPU_CHECK_TIMEOUT_SCALE
+# multiplies every timeout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+[ "${1:-}" = "--cpu" ] && MODE=cpu
+LOGS=${GPU_CHECK_LOGS:-$(mktemp -d)}
+SCALE=${GPU_CHECK_TIMEOUT_SCALE:-1}  # A slow machine; or a test making a check expire.
+OUT=$(mktemp -d)                      # Run directories, removed at the end.
+trap 'rm -rf "$OUT"' EXIT
+mkdir -p "$LOGS"
+ROWS=()
+FAILED=0
+
+# check NAME SECONDS COMMAND...: run COMMAND under a timeout; keep its output; add a row to the table.
+# $GPU_CHECK_ONLY (names, space-separated) runs only those checks.
+check() {
+  local name=$1 seconds=$2
+  shift 2
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    return
+  fi
+  local limit start status result
+  limit=$(python -c "print(max(1, round($seconds * $SCALE)))")
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  status=$?
+  case $status in
+    0) result=passed ;;
+    124|137) result="timed out (${limit} s)"; FAILED=1 ;;
+    *) result="failed (exit $status)"; FAILED=1 ;;
+  esac
+  ROWS+=("$(printf '%-30s %-22s %6s s  %s' "$name" "$result" "$(( $(date +%s) - start ))" "$(summary_of "$name")")")
+  echo "[$name] $result"
+}
+
+# The line of a check's log worth showing in the table.
+summary_of() {
+  local log="$LOGS/$1.log"
+  { grep -E "^(Speedup|Scaling|Done:|TensorFlow [0-9]|GPUs:|identical|differ)" "$log" || tail -n 1 "$log"; } \
+    | tail -n 1 | cut -c1-110
+}
+
+if [ "$MODE" = gpu ]; then
+  VERSION=$(grep -E '^tensorflow[>=<]' requirements.txt | cut -d' ' -f1 | sed 's/^tensorflow/tensorflow[and-cuda]/')
+  check install 300 python -m pip install --quiet "$VERSION" -r requirements.txt
+  LIMIT=(); EPOCH_LIMIT=(); SAMPLES=(--num-samples 10000)
+else
+  LIMIT=(--limit 640); EPOCH_LIMIT=(--limit 640); SAMPLES=(--num-samples 200)
+fi
+
+check devices 60 python - <<'EOF'
+import errors  # noqa: F401  (TensorFlow, quietly)
+import tensorflow as tf
+build = tf.sysconfig.get_build_info()
+gpus = tf.config.list_physical_devices("GPU")
+print(f"TensorFlow {tf.__version__}, CUDA {build.get('cuda_version', 'none')}, cuDNN {build.get('cudnn_version', 'none')}")
+for gpu in gpus:
+    details = tf.config.experimental.get_device_details(gpu)
+    print(f"  {gpu.name}: {details.get('device_name')}, compute capability {details.get('compute_capability')}")
+print(f"GPUs: {len(gpus)}" + ("" if gpus else " (the CPU only)"))
+EOF
+GPUS=$(python -c "import errors, tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))" 2>/dev/null || echo 0)
+
+# Speed: the chosen settings against a plain fp32 step (bench.py's table; see its last lines).
+check bench_gan 90 python gan_mnist.py --benchmark "${LIMIT[@]}"
+if [ "$MODE" = gpu ]; then
+  for arch in 28 32 64; do
+    check "bench_dcgan_$arch" 120 python dcgan_mnist.py --benchmark --arch "$arch"
+  done
+fi
+
+# One epoch of each script with its evaluation (the classifier is trained once and cached).
+check epoch_gan 300 python gan_mnist.py --epochs 1 "${EPOCH_LIMIT[@]}" "${SAMPLES[@]}" --out "$OUT/gan"
+check epoch_dcgan 300 python dcgan_mnist.py --epochs 1 "${EPOCH_LIMIT[@]}" "${SAMPLES[@]}" --out "$OUT/dcgan"
+
+# Resume: 1 epoch + 1 more must equal 2 straight, weight for weight, under --deterministic.
+check resume_exact 300 bash -c "
+  set -e
+  flags='--eval-every 0 --deterministic --seed 1 ${EPOCH_LIMIT[*]}'
+  python dcgan_mnist.py --epochs 2 \$flags --out '$OUT/straight' > /dev/null
+  python dcgan_mnist.py --epochs 1 \$flags --out '$OUT/resumed' > /dev/null
+  python dcgan_mnist.py --epochs 2 --resume --out '$OUT/resumed' > /dev/null
+  python - '$OUT/straight' '$OUT/resumed' <<'PY'
+import sys
+import errors  # noqa: F401
+import keras, numpy as np
+a, b = (keras.saving.load_model(f'{d}/generator.keras', compile=False).get_weights() for d in sys.argv[1:])
+worst = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+print('identical' if worst == 0 else f'differ by up to {worst}')
+sys.exit(worst != 0)
+PY"
+
+# The mixed-precision and XLA paths, a few steps each.
+check fp16 300 python dcgan_mnist.py --epochs 1 --precision fp16 --eval-every 0 --limit 640 --out "$OUT/fp16"
+check xla 300 python dcgan_mnist.py --epochs 1 --xla --eval-every 0 --limit 640 --out "$OUT/xla"
+
+# Several devices: every GPU mirrored (or two logical CPU devices), and its scaling against one.
+if [ "$GPUS" -ge 2 ] || [ "$MODE" = cpu ]; then
+  DEVICES=(--distribute mirrored)
+  [ "$MODE" = cpu ] && DEVICES+=(--cpu-devices 2)
+  check mirrored_epoch 300 python dcgan_mnist.py --epochs 1 --eval-every 0 --limit 1280 "${DEVICES[@]}" \
+    --out "$OUT/mirrored"
+  check mirrored_bench 240 python gan_mnist.py --benchmark "${LIMIT[@]}" "${DEVICES[@]}"
+fi
+
+echo
+echo "GPU check ($MODE) on $(python -c "import errors, tensorflow as tf; print(', '.join(tf.config.experimental.get_device_details(g).get('device_name', g.name) for g in tf.config.list_physical_devices('GPU')) or 'the CPU')" 2>/dev/null); logs in $LOGS"
+printf '%-30s %-22s %8s  %s\n' check result time "what it printed last"
+printf '%s\n' "${ROWS[@]}"
+exit $FAILED
