@@ -60,7 +60,7 @@ class Checkpoint:
         """Restore the newest checkpoint that reads into the state, saying which were skipped and why;
         return the history it holds. DataError if none can be restored."""
         skipped = []
-        for prefix in self.run.checkpoint_prefixes():
+        for prefix in self.run.restore_from.checkpoint_prefixes():
             try:
                 self.checkpoint.restore(prefix).assert_existing_objects_matched()
                 history = json.loads(self.progress["history"].numpy().decode())
@@ -68,10 +68,11 @@ class Checkpoint:
                 skipped.append(f"{Path(prefix).name} ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
                 continue
             if skipped:
-                print(f"{self.run.checkpoints}: skipped the newer {'; '.join(skipped)}; resuming from "
+                print(f"{self.run.restore_from.checkpoints}: skipped the newer {'; '.join(skipped)}; resuming from "
                       f"{Path(prefix).name}", file=sys.stderr)
             return history
-        raise DataError(f"{self.run.checkpoints}: no checkpoint can be restored into this model: {'; '.join(skipped)}")
+        raise DataError(f"{self.run.restore_from.checkpoints}: no checkpoint can be restored into this model: "
+                        f"{'; '.join(skipped)}")
 
     def position(self):
         """(completed epochs, steps into the next) of the state as restored, or (0, 0)."""

@@ -233,9 +233,8 @@ def main(argv=None, hooks=None):
     run = RunDirectory(config.out)
     if sample.generate_or_evaluate(config, run):  # --generate N, --interpolate or --evaluate on a trained run.
         return
-    if not config.benchmark:
-        run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
-    strategy = distribute.resolve(config)  # One device, or every GPU (--distribute).
+    # One device, every GPU or every machine (--distribute); checks the run directory (see run.prepare).
+    strategy, run = distribute.prepare(config, run)
     preset = PRESETS[config.arch]
     # Steps of ~0.2 s on the CPU: no Python overhead to hide, so one step per call there.
     speed.resolve(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))

@@ -1,31 +1,43 @@
 """Training on several devices with TensorFlow's own engine, tf.distribute: the --distribute setting.
 
-auto: MirroredStrategy over every visible GPU when there are two or more (CUDA_VISIBLE_DEVICES
-picks them), else the single device as before (tf.distribute's default strategy, which changes
-nothing). `mirrored` mirrors over the GPUs, or on a machine without any over the CPU's logical
-devices: `--cpu-devices N` splits the CPU into N of them before TensorFlow starts, so that the
+auto: MultiWorkerMirroredStrategy when $TF_CONFIG names a cluster of two or more tasks (one
+process per machine, each started with the same command), else MirroredStrategy over every
+visible GPU when there are two or more (CUDA_VISIBLE_DEVICES picks them), else the single device
+as before (tf.distribute's default strategy, which changes nothing). Over several machines the
+chief (task "chief", else worker 0) writes the run directory; every other worker trains into a
+temporary directory, removed when it exits, and resumes from the chief's checkpoints.
+`mirrored` mirrors over the GPUs, or on a machine without any over the CPU's logical devices:
+`--cpu-devices N` splits the CPU into N of them before TensorFlow starts, so that the
 multi-device path can be tried, and tested, anywhere.
 
 Under a strategy the recipe stays the one of a single device: --batch-size is the global batch,
 each of the N replicas takes batch/N of it, the replicas' gradients are summed (so each replica's
-loss is its share of the global mean, `gan.global_mean`), batch norm is synchronized across
-replicas, and each replica draws its own noise.
+loss is its share of the global mean, `gan.global_mean`), batch norm takes the whole batch's
+statistics (`gan.GlobalBatchNormalization`), each replica draws its own noise, and under fp16 an
+overflow on any replica skips the step on all (`gan.ReplicaSafeLossScaleOptimizer`).
 """
 
+import atexit
+import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import tensorflow as tf
 
-from errors import UsageError
+from errors import DataError, UsageError
+from run_directory import RunDirectory
 
 
 def add_flags(parser):
     """The device flags."""
     devices = parser.add_argument_group("devices")
-    devices.add_argument("--distribute", choices=("auto", "off", "mirrored"), default="auto",
-                         help="auto: mirror over every visible GPU when there are two or more, else one device; "
-                              "off: one device; mirrored: every GPU, or without GPUs the CPU's logical devices "
-                              "(see --cpu-devices) (default: auto)")
+    devices.add_argument("--distribute", choices=("auto", "off", "mirrored", "multi-worker"), default="auto",
+                         help="auto: multi-worker when $TF_CONFIG names a cluster, else mirror over every visible GPU "
+                              "when there are two or more, else one device; off: one device; mirrored: every GPU, "
+                              "or without GPUs the CPU's logical devices (see --cpu-devices); multi-worker: every "
+                              "machine of $TF_CONFIG's cluster (default: auto)")
     devices.add_argument("--cpu-devices", metavar="N", type=int, default=0,
                          help="split the CPU into N logical devices, for --distribute mirrored on a machine "
                               "without GPUs (default: 0, the CPU as one device)")
@@ -49,32 +61,89 @@ def split_cpu(count):
                              f"{len(tf.config.list_logical_devices('CPU'))} CPU device(s) in this process") from None
 
 
+def cluster_tasks():
+    """How many tasks $TF_CONFIG's cluster names (0 without it)."""
+    try:
+        spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        return sum(len(tasks) for tasks in spec.get("cluster", {}).values())
+    except (ValueError, TypeError, AttributeError):
+        raise UsageError("environment variable TF_CONFIG: not a JSON object with a \"cluster\" of task lists") from None
+
+
 def resolve(config):
     """The tf.distribute strategy that --distribute asks for; sets `config.distribute` to the one
-    chosen and `config.replicas` to its replica count. Call it before any TensorFlow op runs."""
+    chosen, `config.replicas` to its replica count and `config.chief` (whether this process writes
+    the run directory). Call it before any TensorFlow op runs."""
     if config.cpu_devices:
         split_cpu(config.cpu_devices)
-    gpus = tf.config.list_logical_devices("GPU")
     choice = config.distribute
     if choice == "auto":
-        choice = "mirrored" if len(gpus) >= 2 else "off"
+        choice = ("multi-worker" if cluster_tasks() >= 2
+                  else "mirrored" if len(tf.config.list_physical_devices("GPU")) >= 2 else "off")
+    config.chief, config.task = True, None
     if choice == "off":
         strategy = tf.distribute.get_strategy()
+    elif choice == "multi-worker":
+        if cluster_tasks() < 2:
+            raise UsageError("argument --distribute: multi-worker needs TF_CONFIG naming a cluster of two or "
+                             "more tasks")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = strategy.cluster_resolver
+        config.chief, config.task = strategy.extended.should_checkpoint, f"{resolver.task_type} {resolver.task_id}"
     else:
+        gpus = tf.config.list_logical_devices("GPU")
         devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
         strategy = tf.distribute.MirroredStrategy(
             devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
     config.distribute, config.replicas = choice, strategy.num_replicas_in_sync
+    return strategy
+
+
+def prepare(config, run):
+    """The strategy (`resolve`) and the run directory this process trains into, checked (`RunDirectory.prepare`).
+
+    The chief (every process but the other workers of a cluster) trains into `run`. Another worker
+    trains into a temporary directory, removed when it exits, reads the chief's checkpoints, takes
+    the run's saved settings on --resume and leaves the evaluation to the chief.
+    """
+    strategy = resolve(config)
+    if config.chief:
+        if not config.benchmark:
+            run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
+    else:
+        if config.resume:
+            run.adopt(config)
+        prefix = f"tf2-gan-{config.task.replace(' ', '-')}-"
+        remove_stale_directories(prefix)
+        own = RunDirectory(tempfile.mkdtemp(prefix=prefix))
+        atexit.register(shutil.rmtree, own.path, ignore_errors=True)
+        own.restore_from, run = run, own
+        config.eval_every = 0
     if config.batch_size % config.replicas:
         raise UsageError(f"argument --batch-size: {config.batch_size} does not split evenly over the "
-                         f"{config.replicas} replicas of --distribute {choice}")
-    return strategy
+                         f"{config.replicas} replicas of --distribute {config.distribute}")
+    return strategy, run
+
+
+def remove_stale_directories(prefix):
+    """Remove the temporary directories of this worker's earlier processes that were killed outright
+    (their lock is free); a live process's directory is locked and kept."""
+    for path in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        earlier = RunDirectory(path)
+        try:
+            earlier.lock()
+        except DataError:
+            continue
+        earlier.release()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def describe(config):
     """The strategy and its replicas, for the start-up line."""
+    share = f"{config.replicas} replicas of batch {config.batch_size // config.replicas}"
     if config.distribute == "off":
         return "one device"
+    if config.distribute == "multi-worker":
+        return f"MultiWorkerMirroredStrategy, {config.task}{' (chief)' if config.chief else ''}, {share}"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return (f"MirroredStrategy over {config.replicas} replicas of batch {config.batch_size // config.replicas}"
-            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""))
+    return f"MirroredStrategy over {share}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")

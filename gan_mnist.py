@@ -174,9 +174,8 @@ def main(argv=None, hooks=None):
     run = RunDirectory(config.out)
     if sample.generate_or_evaluate(config, run):  # --generate N, --interpolate or --evaluate on a trained run.
         return
-    if not config.benchmark:
-        run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
-    strategy = distribute.resolve(config)  # One device, or every GPU (--distribute).
+    # One device, every GPU or every machine (--distribute); checks the run directory (see run.prepare).
+    strategy, run = distribute.prepare(config, run)
     speed.resolve(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
     data = utils.load_training_images(config)  # uint8 images (60000, 28, 28, 1) and labels for MNIST
     if config.benchmark:

@@ -78,6 +78,7 @@ class RunDirectory:
         self.tensorboard = self.path / "tensorboard"
         self.checkpoints = self.path / "checkpoints"
         self.lock_file = self.path / ".lock"
+        self.restore_from = self  # Where checkpoints are read: another worker's directory is the chief's.
         self._lock = None
         self._created = False
 
@@ -147,6 +148,10 @@ class RunDirectory:
             return
         if not holds_a_run:
             raise UsageError(f"argument --resume: {self.path} holds no run to resume (no config.json)")
+        self.adopt(config)
+
+    def adopt(self, config):
+        """--resume: take the run's saved hyperparameters (see `prepare`); from scratch if it has no checkpoint."""
         saved = config.saved_run = self.read_config()
         if saved.get("script") != config.script:
             raise UsageError(f"argument --resume: {self.path} holds a {saved.get('script')} run, "

@@ -283,8 +283,8 @@ def compile_steps(train_step, images, labels, config, strategy=None):
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     share = config.batch_size // replicas
-    if replicas > 1:
-        with strategy.scope():  # Mirrored: one copy of the dataset on each device.
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        with strategy.scope():  # One copy of the dataset on each device (each worker of a cluster holds its own).
             images = tf.Variable(images, trainable=False)
             labels = tf.Variable(labels, trainable=False)
 

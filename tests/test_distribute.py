@@ -2,8 +2,11 @@
 between one device and several."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,7 +55,8 @@ def test_a_mirrored_run_writes_its_outputs_once_and_moves_between_device_counts(
 def test_a_batch_that_does_not_split_over_the_replicas_is_one_line(tmp_path):
     result = run_script("gan_mnist.py", "--batch-size", "63", *MIRRORED, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "argument --batch-size: 63 does not split evenly over the 2 replicas of --distribute mirrored" in result.stderr
+    assert ("argument --batch-size: 63 does not split evenly over the 2 replicas of --distribute mirrored"
+            in result.stderr)
     assert not (tmp_path / "run").exists()
 
 
@@ -95,3 +99,81 @@ def test_an_fp16_overflow_on_one_replica_skips_the_step_on_all():
     assert results["keras"]["weights"][0] != [1.0, 2.0]  # Keras alone checks replica 0 only and applies the inf.
     assert results["guarded"]["weights"] == [[1.0, 2.0], [1.0, 2.0]]  # Skipped on both replicas,
     assert results["guarded"]["scale"] == 2.0 ** 14  # and the loss scale halved from 2**15, as on one device.
+
+
+# ------------------------------------------------------------------------------------------------
+# Two worker processes on localhost: MultiWorkerMirroredStrategy through TF_CONFIG
+# ------------------------------------------------------------------------------------------------
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for each in sockets:
+        each.bind(("localhost", 0))
+    ports = [each.getsockname()[1] for each in sockets]
+    for each in sockets:
+        each.close()
+    return ports
+
+
+def start_workers(run_dir, mnist_dir, temporary, *flags):
+    """Two workers of one cluster, each its own process (CPU only), as two machines would run them."""
+    ports = free_ports(2)
+    workers = []
+    for index in range(2):
+        config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(config), CUDA_VISIBLE_DEVICES="-1", TMPDIR=str(temporary))
+        workers.append(subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--limit", "640", "--batch-size", "64",
+                                         "--eval-every", "0", "--seed", "4", *flags, "--data-dir", str(mnist_dir),
+                                         "--out", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env, cwd=REPO))
+    return workers
+
+
+def finish(workers, timeout=240):
+    """Each worker's (status, stdout, stderr); a worker left waiting for a dead one is killed (no hang)."""
+    results = []
+    for worker in workers:
+        try:
+            out, err = worker.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for each in workers:
+                each.kill()
+            out, err = worker.communicate()
+        results.append((worker.returncode, out, err))
+    return results
+
+
+def test_two_workers_train_one_run_written_once_by_the_chief(tmp_path, mnist_dir):
+    run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
+    temporary.mkdir()
+    results = finish(start_workers(run_dir, mnist_dir, temporary, "--epochs", "2"))
+    for status, out, err in results:
+        assert status == 0, err[-3000:]
+    assert "MultiWorkerMirroredStrategy, worker 0 (chief), 2 replicas of batch 32" in results[0][1]
+    assert "MultiWorkerMirroredStrategy, worker 1, 2 replicas of batch 32" in results[1][1]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2] and len(history["iterations"]["d_loss"]) == 20
+    assert sorted(p.name for p in run_dir.glob("epoch_*.png")) == ["epoch_001.png", "epoch_002.png"]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # The chief's only.
+    assert not list(temporary.glob("tf2-gan-*"))  # The other worker's directory is gone.
+
+
+def test_a_killed_worker_and_its_chief_resume_together(tmp_path, mnist_dir):
+    run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
+    temporary.mkdir()
+    workers = start_workers(run_dir, mnist_dir, temporary, "--epochs", "3", "--checkpoint-minutes", "0")
+    deadline = time.monotonic() + 180
+    while not list((run_dir / "checkpoints").glob("ckpt-*.index")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers[1].kill()  # SIGKILL: the chief is left waiting for it in the next collective,
+    finish(workers, timeout=20)  # and is killed after 20 s, as a cluster's launcher would.
+    assert list((run_dir / "checkpoints").glob("ckpt-*.index"))
+    assert list(temporary.glob("tf2-gan-worker-1-*"))  # What the kill left.
+    results = finish(start_workers(run_dir, mnist_dir, temporary, "--resume"))
+    for status, out, err in results:
+        assert status == 0, err[-3000:]
+    assert "resuming after epoch" in results[0][1] and "resuming after epoch" in results[1][1]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and len(history["iterations"]["d_loss"]) == 30
+    assert not list(temporary.glob("tf2-gan-*"))  # The killed worker's too, removed by its successor.
