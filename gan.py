@@ -94,7 +94,7 @@ def make_optimizer(config, variables):
 class ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """A LossScaleOptimizer that skips a step on every replica when any replica's gradients overflow.
 
-    Under MirroredStrategy Keras's checks only the first replica's gradients for inf or NaN, so an
+    Under MirroredStrategy Keras checks only the first replica's gradients for inf or NaN, so an
     overflow on another replica would be applied and corrupt the weights. Here each replica's
     finiteness is all-reduced first, and an overflow anywhere makes every replica's gradients
     non-finite: the step is skipped and the loss scale halved everywhere, as on one device.
