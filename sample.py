@@ -26,7 +26,8 @@ def add_flags(parser):
     """The flags that sample or score a trained run instead of training."""
     sampling = parser.add_argument_group("sampling and scoring a trained run (--out)")
     sampling.add_argument("--generate", metavar="N", type=int, default=None,
-                          help="do not train: load the run's trained generator (--out) and write an N-sample grid")
+                          help="do not train: load the run's trained generator (--out) and draw N samples: a grid "
+                               "of the first 1,024 at most, and all of them with --samples-npz")
     sampling.add_argument("--samples-npz", metavar="FILE", default=None,
                           help="with --generate: also write the samples as uint8 (N, 28, 28), or (N, 32, 32, 3) for "
                                "CIFAR-10, under the key 'images'")
