@@ -110,7 +110,7 @@ def test_benchmark_times_the_speedup_rows_in_alternation(monkeypatch, capsys):
     """The plain and chosen rows get extra windows taken in turn, and each keeps its fastest."""
     calls = []
 
-    def fake_time_training(setting, data, build, min_seconds):
+    def fake_time_training(setting, data, build, min_seconds, strategy=None):
         name = "plain" if setting.steps_per_call == 1 and setting.precision == "fp32" else "chosen"
         windows = iter([0.5, 0.1, 0.7] if name == "plain" else [0.3, 0.2, 0.05])
 
