@@ -49,7 +49,6 @@ def describe(values):
             f"D(x) {values['d_real']:.2f} D(G(z)) {values['d_fake']:.2f}")
 
 
-
 class EpochOutputs:
     """Everything a user looks at while a run trains, written into its directory (keras-io's GANMonitor).
 

@@ -7,8 +7,8 @@ each evaluation; the figures themselves are computed in evaluation.py.
 
 import contextlib
 import os
-import zipfile
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -231,9 +231,8 @@ def generate(config, run, batch_size=1000):
     npz = NpzImageWriter(config.samples_npz, (count, native_size, native_size, utils.DATASETS[saved.dataset].shape[-1])
                          ) if config.samples_npz else contextlib.nullcontext()
     with npz:
-        for samples in batches():
-            if sum(map(len, shown)) < GRID_LIMIT:
-                shown.append(samples[:GRID_LIMIT - sum(map(len, shown))])
+        for start, samples in zip(range(0, count, batch_size), batches()):
+            shown.append(samples[:max(GRID_LIMIT - start, 0)])
             if config.samples_npz:
                 npz.write(utils.to_dataset_uint8(samples, saved.transform, native_size))
     shown = np.concatenate(shown)

@@ -117,9 +117,9 @@ def train_epochs(config, run, session, train_steps, outputs, image_count):
     print(f"Training {config.script} for {config.epochs} epochs of {session.steps} steps (batch {config.batch_size}, "
           f"{image_count} images), {where}; outputs in {run.path}")
     session.started = time.perf_counter() - session.history["total_seconds"]
-    final = session.epochs_done >= config.epochs  # Stopped in its closing outputs: only those remain.
-    if session.epochs_done and not session.skip and (final or outputs_behind(run, session.epochs_done)):
-        outputs.write_epoch(session.epochs_done, gif=final)
+    trained = session.epochs_done >= config.epochs  # Stopped in its closing outputs: only those remain.
+    if session.epochs_done and not session.skip and (trained or outputs_behind(run, session.epochs_done)):
+        outputs.write_epoch(session.epochs_done, gif=trained)
     with StopRequests() as stop:
         for epoch in range(session.epochs_done + 1, config.epochs + 1):
             first_step = session.skip if epoch == session.epochs_done + 1 else 0
@@ -339,9 +339,9 @@ def run_epoch(config, session, outputs, train_steps, epoch, batches, first_step,
         outputs.status.update(epoch, step, steps, (step - first_step) * config.batch_size
                               / max(elapsed - resumed_seconds, 1e-9), dict(zip(METRICS, call_values[-1].tolist())))
         if step < steps and (stop.signal or session.checkpoint.due(config.checkpoint_minutes)):
-            save_mid_epoch(session, epoch, step, elapsed)
+            partial = save_mid_epoch(session, epoch, step, elapsed)
         if stop.signal and step < steps:
-            history["partial_epoch"] = {"epoch": epoch, "step": step, "seconds": round(elapsed, 3)}
+            history["partial_epoch"] = partial  # history.json says how far, as the checkpoint does.
             outputs.stopped(epoch - 1)
             raise interrupted(stop.signal, config, outputs.run, f"epoch {epoch}, step {step}/{steps}")
     means = {key: float(np.mean(history["iterations"][key][-steps:])) for key in METRICS}
@@ -349,12 +349,13 @@ def run_epoch(config, session, outputs, train_steps, epoch, batches, first_step,
 
 
 def save_mid_epoch(session, epoch, step, seconds):
-    """Checkpoint `step` steps into `epoch` (the history records how far, and the epoch's seconds so far)."""
+    """Checkpoint `step` steps into `epoch`, its history recording how far (and the epoch's seconds so
+    far) under "partial_epoch"; returns that record."""
     history = session.history
     history["partial_epoch"] = {"epoch": epoch, "step": step, "seconds": round(seconds, 3)}
     history["total_seconds"] = round(time.perf_counter() - session.started, 3)
     session.checkpoint.save(history, epoch - 1, step)
-    del history["partial_epoch"]
+    return history.pop("partial_epoch")
 
 
 def check_finite(call_values, epoch, call_start, run, config):

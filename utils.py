@@ -93,7 +93,7 @@ def read_idx(path, kind, limit=0):
                 raise DataError(f"{path}: wrong image size {shape[1]}x{shape[2]}, expected 28x28")
             expected = int(np.prod(shape))
             count = min(limit, shape[0]) if limit else shape[0]
-            wanted = count * expected // max(shape[0], 1)
+            wanted = count * int(np.prod(shape[1:]))  # Bytes of the `count` items read.
             if wanted > available_memory() // 2:
                 raise DataError(f"{path}: header promises {shape[0]} {kind} ({wanted / 2**30:.1f} GB), more than "
                                 f"half the memory available; pass --limit to read fewer")
