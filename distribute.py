@@ -11,8 +11,10 @@ temporary directory, removed when it exits, and resumes from the chief's checkpo
 multi-device path can be tried, and tested, anywhere.
 
 Under a strategy the recipe stays the one of a single device: --batch-size is the global batch,
-each of the N replicas takes batch/N of it, the replicas' gradients are summed (so each replica's
-loss is its share of the global mean, `gan.global_mean`), batch norm takes the whole batch's
+each of the N replicas takes its share of it (`shares`: as even as can be, so that any batch runs
+on any number of devices; 100 on 8 GPUs is 4 x 13 + 4 x 12), the replicas' gradients are summed
+(so each replica's loss is its share of the global mean, `gan.global_mean`, weighted by its share
+of the images), batch norm takes the whole batch's
 statistics (`gan.GlobalBatchNormalization`), each replica draws its own noise, and under fp16 an
 overflow on any replica skips the step on all (`gan.ReplicaSafeLossScaleOptimizer`).
 """
@@ -119,10 +121,25 @@ def prepare(config, run):
         atexit.register(shutil.rmtree, own.path, ignore_errors=True)
         own.restore_from, run = run, own
         config.eval_every = 0
-    if config.batch_size % config.replicas:
-        raise UsageError(f"argument --batch-size: {config.batch_size} does not split evenly over the "
-                         f"{config.replicas} replicas of --distribute {config.distribute}")
+    if config.batch_size < config.replicas:
+        raise UsageError(f"argument --batch-size: {config.batch_size} is smaller than the {config.replicas} "
+                         f"replicas of --distribute {config.distribute}, each of which needs an image")
     return strategy, run
+
+
+def shares(batch_size, replicas):
+    """Each replica's rows [start, end) of a global batch: as even as can be, the first `batch_size %
+    replicas` replicas one image larger (100 over 8: 13, 13, 13, 13, 12, 12, 12, 12)."""
+    base, extra = divmod(batch_size, replicas)
+    ends = [sum(base + (index < extra) for index in range(replica + 1)) for replica in range(replicas)]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def replica_index():
+    """In a replica's step: its index among all replicas (0 on one device). MirroredStrategy and
+    MultiWorkerMirroredStrategy fix it when each replica's step is traced, so it is a Python int."""
+    context = tf.distribute.get_replica_context()
+    return int(tf.get_static_value(context.replica_id_in_sync_group)) if context.num_replicas_in_sync > 1 else 0
 
 
 def remove_stale_directories(prefix):
@@ -140,7 +157,8 @@ def remove_stale_directories(prefix):
 
 def describe(config):
     """The strategy and its replicas, for the start-up line."""
-    share = f"{config.replicas} replicas of batch {config.batch_size // config.replicas}"
+    sizes = sorted({end - start for start, end in shares(config.batch_size, config.replicas)}, reverse=True)
+    share = f"{config.replicas} replicas of batch {' or '.join(map(str, sizes))}"
     if config.distribute == "off":
         return "one device"
     if config.distribute == "multi-worker":

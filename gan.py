@@ -150,15 +150,17 @@ class GlobalBatchNormalization(keras.layers.BatchNormalization):
         return mean, context.all_reduce("sum", squares) / count
 
 
-def global_mean(loss):
+def global_mean(loss, batch_size, global_batch_size):
     """A replica's batch-mean `loss` as its share of the mean over the global batch.
 
-    tf.distribute sums the replicas' gradients, so with N replicas of batch B/N each contributes
-    loss / N: what `tf.nn.compute_average_loss(per_example, global_batch_size=B)` gives. One device:
-    the loss as it is.
+    tf.distribute sums the replicas' gradients, so a replica holding `batch_size` of the
+    `global_batch_size` images contributes loss * batch_size / global_batch_size: what
+    `tf.nn.compute_average_loss(per_example, global_batch_size=...)` gives, also when the shares
+    are uneven (a batch of 100 on 8 GPUs). One device: the loss as it is.
     """
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss / replicas if replicas > 1 else loss
+    if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return loss
+    return loss * tf.cast(batch_size, loss.dtype) / global_batch_size
 
 
 def cross_entropy(logits, target):

@@ -147,7 +147,7 @@ def build_training(config):
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(config, real_logits, fake_logits)
             # Its share of the global batch's mean, times the loss scale under fp16.
-            scaled_loss = d_optimizer.scale_loss(global_mean(d_loss + r1_penalty))
+            scaled_loss = d_optimizer.scale_loss(global_mean(d_loss + r1_penalty, batch_size, config.batch_size))
         gradients = tape.gradient(scaled_loss, discriminator.trainable_variables)
         d_optimizer.apply(gradients, discriminator.trainable_variables)
 
@@ -157,7 +157,7 @@ def build_training(config):
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
             g_loss = generator_loss(config, discriminator(conditioned(fake_images, fake_labels), training=True))
-            scaled_loss = g_optimizer.scale_loss(global_mean(g_loss))
+            scaled_loss = g_optimizer.scale_loss(global_mean(g_loss, batch_size, config.batch_size))
         gradients = tape.gradient(scaled_loss, generator.trainable_variables)
         g_optimizer.apply(gradients, generator.trainable_variables)
 

@@ -275,27 +275,35 @@ def compile_steps(train_step, images, labels, config, strategy=None):
 
     `images` is the uint8 training set (N, S, S, C); each batch is scaled to [-1, 1] in the call and
     passed to `train_step(images, labels)` with its int32 labels (which an unconditional GAN ignores).
-    Under a tf.distribute `strategy` of N replicas each replica takes its N-th of the batch from its
-    own copy of the dataset, and the returned values are the replicas' mean. The returned function
-    takes (K, batch_size) image indices and returns (K, 4) float32 values of METRICS. Its signature
-    leaves K open, so the shorter last call of an epoch does not retrace.
+    The dataset lives in a variable on each device (one copy per replica under a tf.distribute
+    `strategy`), read with ResourceGather, which has a GPU kernel for uint8 where GatherV2 has none
+    (a constant would be gathered on the host, and under MirroredStrategy copied there whole every
+    step). Each replica takes its share of the batch (`distribute.shares`); the returned values are
+    the global batch's, all-reduced on the devices, never the host. The returned function takes
+    (K, batch_size) image indices and returns (K, 4) float32 values of METRICS. Its signature leaves
+    K open, so the shorter last call of an epoch does not retrace.
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
-    share = config.batch_size // replicas
-    if isinstance(strategy, tf.distribute.MirroredStrategy):
-        with strategy.scope():  # One copy of the dataset on each device (each worker of a cluster holds its own).
-            images = tf.Variable(images, trainable=False)
-            labels = tf.Variable(labels, trainable=False)
+    rows = distribute.shares(config.batch_size, replicas)
+    copies = []
+    for device in strategy.extended.worker_devices if replicas > 1 else [None]:  # A copy on each local device.
+        with tf.device(device):
+            copies.append((tf.Variable(images, trainable=False),
+                           tf.Variable(tf.cast(labels, tf.int64), trainable=False)))  # No int32 ResourceGather on GPUs.
 
     def replica_step(step_indices):
-        mine = step_indices
-        if replicas > 1:
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            mine = step_indices[replica * share:(replica + 1) * share]
-        batch = tf.cast(tf.gather(images, mine), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
-        step_values = train_step(batch, tf.gather(labels, mine))
-        return tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS])
+        replica = distribute.replica_index()
+        start, end = rows[replica]
+        local_images, local_labels = copies[replica % len(copies)]
+        mine = step_indices[start:end]
+        batch = tf.cast(local_images.sparse_read(mine), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        step_values = train_step(batch, tf.cast(local_labels.sparse_read(mine), tf.int32))
+        values = tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS])
+        if replicas == 1:
+            return values
+        # The global batch's means: each replica's weighted by its share, summed on the devices.
+        return tf.distribute.get_replica_context().all_reduce("sum", values * ((end - start) / config.batch_size))
 
     @tf.function(input_signature=[tf.TensorSpec((None, config.batch_size), tf.int32)], jit_compile=config.xla)
     def train_steps(batch_indices):
@@ -303,8 +311,7 @@ def compile_steps(train_step, images, labels, config, strategy=None):
         values = tf.TensorArray(tf.float32, size=count)
         for index in tf.range(count):  # Outside strategy.run: one compiled call holds K steps.
             per_replica = strategy.run(replica_step, args=(batch_indices[index],))
-            values = values.write(index, strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-                                  if replicas > 1 else per_replica)
+            values = values.write(index, strategy.experimental_local_results(per_replica)[0])
         return values.stack()
 
     return train_steps

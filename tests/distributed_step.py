@@ -1,11 +1,12 @@
 """One training step on one device and on two mirrored replicas, from the same weights and inputs.
 
-    python tests/distributed_step.py gan_mnist.py [flags...]
+    python tests/distributed_step.py gan_mnist.py [--cpu-devices N] [flags...]
 
-Splits the CPU into two logical devices (before TensorFlow starts, hence a process of its own),
-builds the script's models twice, on the default strategy and under MirroredStrategy over the two
-devices, gives both the same weights, the same batch and the same noise (`SharedNoise`: each
-replica's k-th draw is its half of the one device's k-th draw), runs one compiled step each and
+Splits the CPU into N logical devices (2 by default; before TensorFlow starts, hence a process of
+its own), builds the script's models twice, on the default strategy and under MirroredStrategy
+over the N devices, gives both the same weights, the same batch and the same noise
+(`SharedNoise`: each replica's k-th draw is its rows of the one device's k-th draw, its share as
+`distribute.shares` deals them, uneven where N does not divide the batch), runs one compiled step each and
 prints, as JSON, the largest absolute difference of every model's weights afterwards.
 """
 
@@ -43,8 +44,8 @@ class SharedNoise:
         self.counts[replica] = index + 1
         while len(self.global_draws) <= index:
             self.global_draws.append(make())
-        rows = shape[0]
-        return tf.constant(self.global_draws[index])[replica * rows:(replica + 1) * rows]
+        start, end = distribute.shares(BATCH, replicas)[replica]
+        return tf.constant(self.global_draws[index])[start:end]
 
     def normal(self, shape, dtype=tf.float32):
         return self._draw(shape, lambda: self.rng.standard_normal((BATCH, shape[1])).astype(np.float32))
@@ -73,10 +74,11 @@ def build_and_step(module, config, strategy, weights=None):
 
 
 if __name__ == "__main__":
-    distribute.split_cpu(2)
+    argv = sys.argv[2:]
+    devices = int(argv[argv.index("--cpu-devices") + 1]) if "--cpu-devices" in argv else 2
+    distribute.split_cpu(devices)
     script = REPO / sys.argv[1]
     module = runpy.run_path(str(script), run_name="distributed_step")
-    argv = sys.argv[2:]
     results = {}
     for mode in ("off", "mirrored"):
         config = configurator.parse_config(script, module, argv + ["--distribute", mode],
@@ -89,7 +91,7 @@ if __name__ == "__main__":
         results[mode] = build_and_step(module, config, strategy, results.get("off"))
     one, two = results["off"], results["mirrored"]
     names = ["generator", "discriminator", "averaged_generator"]
-    report = {"lr": config.lr,
+    report = {"lr": config.lr, "replicas": config.replicas,
               "moved": {name: max(float(np.abs(a - b).max()) for a, b in zip(before, after))
                         for name, before, after in zip(names, one["before"], one["after"])},
               "difference": {name: max(float(np.abs(a - b).max()) for a, b in zip(x, y))

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import distribute
 import gan_mnist
 from conftest import REPO, run_script
 
@@ -20,13 +21,18 @@ MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
     ("gan_mnist.py", ["--dropout", "0", "--r1", "1"]),  # Dropout masks are per-replica draws, like the noise.
     ("dcgan_mnist.py", []),                              # Batch norm in G and D, R1 1, the average.
     ("dcgan_mnist.py", ["--conditional", "--g-steps", "2"]),
+    # Uneven shares: 8 over 3 replicas is 3, 3, 2; 12 over 8 is four of 2 and four of 1.
+    ("dcgan_mnist.py", ["--cpu-devices", "3"]),
+    ("gan_mnist.py", ["--dropout", "0", "--r1", "1", "--cpu-devices", "3"]),
+    ("dcgan_mnist.py", ["--conditional", "--cpu-devices", "8", "--batch-size", "12"]),
 ])
-def test_one_step_on_two_replicas_equals_one_step_on_one_device(script, flags):
+def test_one_step_on_several_replicas_equals_one_step_on_one_device(script, flags):
     result = subprocess.run([sys.executable, str(REPO / "tests" / "distributed_step.py"), script, "--batch-size", "8",
                              "--precision", "fp32", *flags], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     print(report)
+    assert report["replicas"] == (int(flags[flags.index("--cpu-devices") + 1]) if "--cpu-devices" in flags else 2)
     for model, difference in report["difference"].items():
         # An Adam step moves a weight by up to the learning rate; the two agree to 5% of it.
         assert difference < 0.05 * report["lr"], (model, difference)
@@ -52,12 +58,34 @@ def test_a_mirrored_run_writes_its_outputs_once_and_moves_between_device_counts(
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3  # One writer per process.
 
 
-def test_a_batch_that_does_not_split_over_the_replicas_is_one_line(tmp_path):
-    result = run_script("gan_mnist.py", "--batch-size", "63", *MIRRORED, "--out", str(tmp_path / "run"))
+def test_a_batch_smaller_than_the_replicas_is_one_line(tmp_path):
+    result = run_script("gan_mnist.py", "--batch-size", "1", *MIRRORED, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert ("argument --batch-size: 63 does not split evenly over the 2 replicas of --distribute mirrored"
-            in result.stderr)
+    assert "argument --batch-size: 1 is smaller than the 2 replicas of --distribute mirrored" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_shares_deal_any_batch_over_any_replica_count():
+    assert distribute.shares(100, 8) == [(0, 13), (13, 26), (26, 39), (39, 52), (52, 64), (64, 76), (76, 88),
+                                         (88, 100)]
+    for batch in (1, 7, 64, 100):
+        for replicas in range(1, min(batch, 8) + 1):
+            sizes = [end - start for start, end in distribute.shares(batch, replicas)]
+            assert sum(sizes) == batch and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("script, devices, batch", [("gan_mnist.py", 8, 100), ("dcgan_mnist.py", 3, 64),
+                                                    ("dcgan_mnist.py", 8, 64)])
+def test_the_default_batches_train_on_3_and_8_replicas(tmp_path, mnist_dir, script, devices, batch):
+    run_dir = tmp_path / "run"
+    result = run_script(script, "--epochs", "1", "--limit", str(2 * batch), "--eval-every", "0", "--data-dir",
+                        str(mnist_dir), "--out", str(run_dir), "--distribute", "mirrored", "--cpu-devices", str(devices))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sizes = sorted({end - start for start, end in distribute.shares(batch, devices)}, reverse=True)
+    assert f"MirroredStrategy over {devices} replicas of batch {' or '.join(map(str, sizes))}" in result.stdout
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["batch_size"] == batch  # The recipe's global batch, kept.
+    assert len(json.loads((run_dir / "history.json").read_text())["iterations"]["d_loss"]) == 2
 
 
 OVERFLOW_ON_ONE_REPLICA = """
