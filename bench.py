@@ -111,7 +111,7 @@ def matmul_peak(precision, size=2048, repeats=8):
 def _reset_peak_memory():
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count (VmHWM).
-    for gpu in tf.config.list_physical_devices("GPU"):
+    for gpu in distribute.gpus():
         tf.config.experimental.reset_memory_stats(gpu.name.replace("/physical_device:", ""))
 
 
@@ -124,7 +124,7 @@ def _peak_memory_mb():
         import resource
 
         host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = distribute.gpus()
     device = (tf.config.experimental.get_memory_info(gpus[0].name.replace("/physical_device:", ""))["peak"]
               / 2**20 if gpus else None)
     return host, device
@@ -170,7 +170,7 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
     two rows, whose ratio is the speedup, get `alternations` more windows each, taken in turn.
     """
     images, labels = data
-    devices = [d.name for d in tf.config.list_physical_devices("GPU")] or ["CPU"]
+    devices = [d.name for d in distribute.gpus()] or ["CPU"]
     print(f"Benchmark of {config.script}"
           + (f" --arch {config.arch}" if hasattr(config, "arch") else "")
           + f" on {', '.join(devices)} ({os.cpu_count()} CPU cores), TensorFlow {tf.__version__}; "
@@ -209,7 +209,7 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
 
     header = (f"{'setting':<22} {'precision':>9} {'XLA':>4} {'K':>3} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
               f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'peak':>7} {'of peak':>7} {'host MB':>8}")
-    if tf.config.list_physical_devices("GPU"):
+    if distribute.gpus():
         header += f" {'GPU MB':>7}"
     print(header)
     for label, setting, result in rows:

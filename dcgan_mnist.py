@@ -238,6 +238,7 @@ def main(argv=None, hooks=None):
     preset = PRESETS[config.arch]
     # Steps of ~0.2 s on the CPU: no Python overhead to hide, so one step per call there.
     speed.resolve(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))
+    distribute.print_devices(config)
     transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], preset["image_size"])
     data = utils.load_training_images(config, preset["image_size"], transform)  # uint8 (N, S, S, C), labels
 

@@ -72,16 +72,54 @@ def cluster_tasks():
         raise UsageError("environment variable TF_CONFIG: not a JSON object with a \"cluster\" of task lists") from None
 
 
+def gpus():
+    """The GPUs this process may use (after `use_gpus`: the one of a single-device run)."""
+    return tf.config.get_visible_devices("GPU")
+
+
+def use_gpus(choice):
+    """Take only the GPUs the run needs, and their memory as it grows, so that a shared box keeps the rest.
+
+    One device (`off`): the first visible GPU only (CUDA_VISIBLE_DEVICES picks which); a strategy:
+    every visible GPU. Without memory growth TensorFlow would reserve nearly all of each GPU's
+    memory at start. Must run before TensorFlow initialises its devices; a second run in one
+    process keeps what the first set.
+    """
+    visible = gpus()
+    used = visible[:1] if choice == "off" else visible
+    try:
+        if len(used) < len(visible):
+            tf.config.set_visible_devices(used, "GPU")
+        for gpu in used:
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # Already initialised (a second run in one process).
+        pass
+
+
+def newer_than_the_wheel(details, build_info):
+    """A line when a GPU is newer than the newest machine code (sm_XY) that TensorFlow's wheel carries;
+    CUDA then compiles every kernel from the wheel's PTX at its first use. None otherwise."""
+    capability = tuple(details.get("compute_capability") or ())
+    codes = [code.split("_")[1] for code in build_info.get("cuda_compute_capabilities", []) if code.startswith("sm_")]
+    newest = max((divmod(int(code), 10) for code in codes if code.isdigit()), default=None)
+    if not capability or newest is None or capability <= newest:
+        return None
+    return (f"{details.get('device_name', 'the GPU')} (compute capability {capability[0]}.{capability[1]}) is newer "
+            f"than TensorFlow {tf.__version__}'s machine code (up to {newest[0]}.{newest[1]}): CUDA compiles each "
+            f"kernel from PTX at its first use, so the first steps can take minutes in silence (once: "
+            f"~/.nv/ComputeCache keeps them; CUDA_CACHE_MAXSIZE=4294967296 makes it large enough)")
+
+
 def resolve(config):
     """The tf.distribute strategy that --distribute asks for; sets `config.distribute` to the one
     chosen, `config.replicas` to its replica count and `config.chief` (whether this process writes
-    the run directory). Call it before any TensorFlow op runs."""
+    the run directory), and takes the GPUs it needs (`use_gpus`). Call it before any TensorFlow op runs."""
     if config.cpu_devices:
         split_cpu(config.cpu_devices)
     choice = config.distribute
     if choice == "auto":
-        choice = ("multi-worker" if cluster_tasks() >= 2
-                  else "mirrored" if len(tf.config.list_physical_devices("GPU")) >= 2 else "off")
+        choice = "multi-worker" if cluster_tasks() >= 2 else "mirrored" if len(gpus()) >= 2 else "off"
+    use_gpus(choice)
     config.chief, config.task = True, None
     if choice == "off":
         strategy = tf.distribute.get_strategy()
@@ -93,10 +131,10 @@ def resolve(config):
         resolver = strategy.cluster_resolver
         config.chief, config.task = strategy.extended.should_checkpoint, f"{resolver.task_type} {resolver.task_id}"
     else:
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
+        logical_gpus = tf.config.list_logical_devices("GPU")
+        devices = [device.name for device in (logical_gpus or tf.config.list_logical_devices("CPU"))]
         strategy = tf.distribute.MirroredStrategy(
-            devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
+            devices, cross_device_ops=None if logical_gpus else tf.distribute.ReductionToOneDevice())
     config.distribute, config.replicas = choice, strategy.num_replicas_in_sync
     return strategy
 
@@ -153,6 +191,20 @@ def remove_stale_directories(prefix):
             continue
         earlier.release()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def print_devices(config):
+    """The start-up line: TensorFlow, the devices, the strategy, precision, XLA and steps per call;
+    and a line for a GPU newer than TensorFlow's machine code. Printed before any data is loaded."""
+    names = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in gpus()]
+    print(f"TensorFlow {tf.__version__} on {', '.join(names) or 'the CPU (no GPU found)'}, "
+          f"{describe(config)}; precision {config.precision}, XLA {'on' if config.xla else 'off'}, "
+          f"{config.steps_per_call} steps per call", flush=True)
+    for gpu in gpus():
+        newer = newer_than_the_wheel(tf.config.experimental.get_device_details(gpu), tf.sysconfig.get_build_info())
+        if newer:
+            print(newer, flush=True)
+            break
 
 
 def describe(config):

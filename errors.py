@@ -5,13 +5,15 @@ or directory: exit status 1) or `TrainingStopped` (a signal or a diverged loss);
 each into one line on stderr, never a traceback.
 
 Imported first by each script: it also loads TensorFlow with its C++ start-up chatter muted, which
-would otherwise bury a one-line error or the progress line.
+would otherwise bury a one-line error or the progress line. What that chatter would have said about
+GPUs that TensorFlow cannot use is not lost: `unusable_gpus` says it in one line, first of all.
 """
 
 import contextlib
 import errno
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,9 +92,68 @@ def model_sizes(config):
                      for key in ("batch_size", "latent_dim", "kernel_size") if hasattr(config, key))
 
 
+def nvidia_gpus():
+    """The NVIDIA GPUs the machine's driver lists (`nvidia-smi -L`, else /proc/driver/nvidia/gpus/); [] without."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        gpus = [re.sub(r"\s*\(UUID: [^)]*\)", "", line.strip()) for line in listed.splitlines() if line.startswith("GPU ")]
+        if gpus:
+            return gpus
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return [f"GPU at PCI {entry.name}" for entry in sorted(Path("/proc/driver/nvidia/gpus").iterdir())]
+    except OSError:
+        return []
+
+
+def tensorflow_gpu_problem():
+    """TensorFlow's own reason for finding no GPU: its log lines about CUDA, from a quick probe with them on."""
+    if not tensorflow.test.is_built_with_cuda():
+        return f"this TensorFlow {tensorflow.__version__} was built without CUDA"
+    probe = "import tensorflow as tf; tf.config.list_physical_devices('GPU')"
+    try:
+        log = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")).stderr
+    except (OSError, subprocess.SubprocessError):
+        log = ""
+    reasons = [line.split("] ", 1)[-1].strip().rstrip(".") for line in log.splitlines()
+               if re.search(r"dlopen|cuda|CUDA|GPU|libcu|driver", line) and "] " in line]
+    return "; ".join(dict.fromkeys(reasons)) or "it gave no reason (try: python -c \"import tensorflow as tf; " \
+                                                 "print(tf.config.list_physical_devices('GPU'))\")"
+
+
+def unusable_gpus():
+    """One line if this machine has NVIDIA GPUs and TensorFlow sees none (unless CUDA_VISIBLE_DEVICES hides
+    them on purpose): the GPUs, TensorFlow's reason, and the fix; else None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.split(",")[0].strip().startswith("-")):
+        return None
+    if tensorflow.config.list_physical_devices("GPU"):
+        return None
+    gpus = nvidia_gpus()
+    if not gpus:
+        return None
+    try:
+        wanted = next(line.split("#")[0].strip() for line in (Path(__file__).parent / "requirements.txt")
+                      .read_text().splitlines() if re.match(r"tensorflow\s*[<>=]", line))
+        fix = f'pip install "{wanted.replace("tensorflow", "tensorflow[and-cuda]", 1).replace(" ", "")}"'
+    except (OSError, StopIteration):
+        fix = f'pip install "tensorflow[and-cuda]=={tensorflow.__version__}"'
+    return (f"warning: this machine has {len(gpus)} NVIDIA GPU{'s' if len(gpus) > 1 else ''} ({gpus[0]}"
+            f"{', ...' if len(gpus) > 1 else ''}) but TensorFlow {tensorflow.__version__} cannot use them: "
+            f"{tensorflow_gpu_problem()}. It trains on the CPU. Fix: {fix}")
+
+
 def run_main(main, argv=None):
-    """Run a script's `main(argv)` and turn the errors a user can fix into one line and an exit status."""
+    """Run a script's `main(argv)` and turn the errors a user can fix into one line and an exit status.
+
+    First of all, it says so if the machine's GPUs are out of TensorFlow's reach (`unusable_gpus`).
+    """
     program = Path(sys.argv[0]).name
+    warning = unusable_gpus()
+    if warning:
+        print(f"{program}: {warning}", file=sys.stderr, flush=True)
     try:
         main(argv)
     except UsageError as error:

@@ -177,6 +177,7 @@ def main(argv=None, hooks=None):
     # One device, every GPU or every machine (--distribute); checks the run directory (see run.prepare).
     strategy, run = distribute.prepare(config, run)
     speed.resolve(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
+    distribute.print_devices(config)
     data = utils.load_training_images(config)  # uint8 images (60000, 28, 28, 1) and labels for MNIST
     if config.benchmark:
         bench.benchmark(config, data, build_training, strategy=strategy)

@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+import distribute
 from errors import UsageError
 
 PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -52,7 +53,7 @@ def resolve(config, default_steps_per_call, bf16_on_cpu=True):
     bf16 (compute capability 8+) or fp16 with loss scaling (7.x) use the tensor cores.
     `bf16_on_cpu=False` keeps fp32 on the CPU for a model where bf16 measured slower there.
     """
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = distribute.gpus()
     config.precision_requested = config.precision
     if config.precision == "auto":
         if gpus:
@@ -68,7 +69,25 @@ def resolve(config, default_steps_per_call, bf16_on_cpu=True):
         config.xla = False
     if not config.steps_per_call:
         config.steps_per_call = 10 if gpus else default_steps_per_call
+    match_saved_precision(config)
     return config
+
+
+def match_saved_precision(config):
+    """On --resume, keep fp16 (whose optimizers carry a loss scale) or non-fp16, as the checkpoint holds.
+
+    An explicit --precision that crosses that line is refused naming the flag; `auto` follows the run.
+    """
+    saved = getattr(config, "saved_run", None)
+    before = (saved or {}).get("precision", "fp32")
+    if not getattr(config, "resume", False) or (before == "fp16") == (config.precision == "fp16"):
+        return
+    if config.precision_requested != "auto":
+        raise UsageError(f"argument --precision: the run in {config.out} was trained in {before}; "
+                         f"{'fp16 adds' if before != 'fp16' else 'it has'} a loss scale that "
+                         f"{'its checkpoint lacks' if before != 'fp16' else config.precision + ' lacks'}: "
+                         f"resume in {before if before == 'fp16' else 'bf16 or fp32'}")
+    config.precision = "fp16" if before == "fp16" else "fp32"
 
 
 def set_precision(precision):

@@ -86,8 +86,6 @@ def train(config, run, data, build, transform="none", hooks=None, strategy=None)
         steps = len(images) // config.batch_size
         evaluator = (sample.load_evaluator(config.dataset, config.data_dir, config.classes)
                      if config.eval_every else None)
-        match_saved_precision(config, run)
-        print_devices(config)
         with out_of_memory("building the models", model_sizes(config)):
             session = start_or_restore(config, run, build, hooks, steps, strategy)
         try:
@@ -141,33 +139,9 @@ def train_epochs(config, run, session, train_steps, outputs, image_count):
     outputs.finish()
 
 
-def match_saved_precision(config, run):
-    """On --resume, keep fp16 (whose optimizers carry a loss scale) or non-fp16, as the checkpoint holds.
-
-    An explicit --precision that crosses that line is refused naming the flag; `auto` follows the run.
-    """
-    saved = getattr(config, "saved_run", None)
-    before = (saved or {}).get("precision", "fp32")
-    if not config.resume or (before == "fp16") == (config.precision == "fp16"):
-        return
-    if getattr(config, "precision_requested", "auto") != "auto":
-        raise UsageError(f"argument --precision: the run in {run.path} was trained in {before}; "
-                         f"{'fp16 adds' if before != 'fp16' else 'it has'} a loss scale that "
-                         f"{'its checkpoint lacks' if before != 'fp16' else config.precision + ' lacks'}: "
-                         f"resume in {before if before == 'fp16' else 'bf16 or fp32'}")
-    config.precision = "fp16" if before == "fp16" else "fp32"
-
-
 # ---------------------------------------------------------------------------------------------
 # Start or restore: the models, the average of G, the checkpoint, the history, the fixed noise
 # ---------------------------------------------------------------------------------------------
-
-
-def print_devices(config):
-    devices = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices("GPU")]
-    print(f"TensorFlow {tf.__version__} on {', '.join(devices) or 'the CPU (no GPU found)'}, "
-          f"{distribute.describe(config)}; precision {config.precision}, XLA {'on' if config.xla else 'off'}, "
-          f"{config.steps_per_call} steps per call")
 
 
 def start_or_restore(config, run, build, hooks, steps, strategy=None):

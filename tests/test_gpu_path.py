@@ -2,6 +2,7 @@
 training call, and stand-ins for what a GPU box shows (a fake nvidia-smi, fake device details)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import distribute
+import errors
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -43,3 +46,80 @@ def test_the_kernel_check_finds_a_uint8_gather_that_has_no_gpu_kernel():
     missing = gpu_kernels.check(before.get_concrete_function(spec).graph.as_graph_def())["missing"]
     assert len(missing) == 1 and missing[0].startswith("GatherV2") and '"uint8"' in missing[0]
     assert gpu_kernels.check(after.get_concrete_function(spec).graph.as_graph_def())["missing"] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# A GPU box whose TensorFlow cannot use its GPUs: a stand-in nvidia-smi on PATH
+# ------------------------------------------------------------------------------------------------
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-11111111-2222-3333-4444-555555555555)"
+echo "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-66666666-2222-3333-4444-555555555555)"
+"""
+
+
+def run_with_nvidia_smi(tmp_path, mnist_dir, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
+    return subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--epochs", "1", "--limit", "64",
+                           "--batch-size", "32", "--eval-every", "0", "--data-dir", str(mnist_dir), "--out",
+                           str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=environment, timeout=300, cwd=REPO)
+
+
+def test_gpus_that_tensorflow_cannot_use_are_the_first_line_then_the_devices(tmp_path, mnist_dir):
+    result = run_with_nvidia_smi(tmp_path, mnist_dir)
+    assert result.returncode == 0, result.stdout[-3000:]
+    first, second = result.stdout.splitlines()[:2]
+    assert first.startswith("gan_mnist.py: warning: this machine has 2 NVIDIA GPUs (GPU 0: NVIDIA H100 80GB HBM3, ...) "
+                            "but TensorFlow")
+    # TensorFlow's own reason (here: no CUDA driver on this machine), and the fix in requirements.txt's range.
+    assert "cuda" in first.lower() and first.endswith('Fix: pip install "tensorflow[and-cuda]>=2.16,<3"')
+    assert second.startswith("TensorFlow ") and "on the CPU (no GPU found)" in second  # Before any data is read.
+
+
+def test_gpus_hidden_on_purpose_or_absent_give_no_warning(tmp_path, mnist_dir):
+    hidden = run_with_nvidia_smi(tmp_path, mnist_dir, CUDA_VISIBLE_DEVICES="-1")
+    assert hidden.returncode == 0 and "warning" not in hidden.stdout
+    assert errors.unusable_gpus() is None  # This machine: no NVIDIA GPU, so no line.
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-ins for a box of GPUs: its devices, their details, TensorFlow's build
+# ------------------------------------------------------------------------------------------------
+
+
+def fake_gpus(monkeypatch, count):
+    """`count` stand-in GPUs, and a record of what was asked of them."""
+    devices = [tf.config.PhysicalDevice(name=f"/physical_device:GPU:{i}", device_type="GPU") for i in range(count)]
+    asked = {"visible": None, "growth": []}
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: devices if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda used, kind=None: asked.update(visible=list(used)))
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
+                        lambda device, on: asked["growth"].append((device.name, on)))
+    return devices, asked
+
+
+def test_one_device_takes_one_gpu_and_every_gpu_used_grows_its_memory(monkeypatch):
+    devices, asked = fake_gpus(monkeypatch, 4)
+    distribute.use_gpus("off")
+    assert asked["visible"] == devices[:1] and asked["growth"] == [("/physical_device:GPU:0", True)]
+    devices, asked = fake_gpus(monkeypatch, 4)
+    distribute.use_gpus("mirrored")
+    assert asked["visible"] is None and asked["growth"] == [(f"/physical_device:GPU:{i}", True) for i in range(4)]
+
+
+def test_a_gpu_newer_than_the_wheels_machine_code_is_named():
+    build = tf.sysconfig.get_build_info()  # TensorFlow 2.21: sm_60 ... sm_89, and compute_90 (PTX).
+    newest = max(int(code[3:]) for code in build["cuda_compute_capabilities"] if code.startswith("sm_"))
+    line = distribute.newer_than_the_wheel({"device_name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)},
+                                           {"cuda_compute_capabilities": ["sm_60", "sm_70", "sm_80", "sm_89",
+                                                                          "compute_90"]})
+    assert line.startswith("NVIDIA H100 80GB HBM3 (compute capability 9.0) is newer than TensorFlow")
+    assert "(up to 8.9)" in line and "PTX" in line
+    assert distribute.newer_than_the_wheel({"compute_capability": (8, 9)}, build) is None or newest < 89
+    assert distribute.newer_than_the_wheel({"compute_capability": (7, 0)}, build) is None
+    assert distribute.newer_than_the_wheel({"compute_capability": divmod(newest, 10)}, build) is None
