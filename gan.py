@@ -109,21 +109,28 @@ class ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return super().apply(grads, trainable_variables)
 
 
-def logits_and_r1_penalty(discriminator, inputs, gamma):
+def logits_and_r1_penalty(discriminator, inputs, gamma, optimizer=None):
     """D's logits on real `inputs` and the R1 penalty gamma/2 * E||grad_x l(x)||^2 at those images.
 
     The R1 penalty (Mescheder et al. 2018; --r1) keeps D smooth on the real data. `inputs` is the
     image batch, or [images, one-hot labels] for a conditional D (the gradient is taken with
-    respect to the images only). With gamma 0 the penalty is 0 and costs nothing.
+    respect to the images only). With gamma 0 the penalty is 0 and costs nothing. Under fp16,
+    `optimizer` (D's, a LossScaleOptimizer) scales the inner gradient as it does the outer one, so
+    that it does not underflow to zero in float16 as R1 makes D smooth; it is unscaled in float32.
     """
     if not gamma:
         return discriminator(inputs, training=True), 0.0
     images = inputs[0] if isinstance(inputs, list) else inputs
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     with tf.GradientTape() as tape:
         tape.watch(images)
         logits = discriminator(inputs, training=True)
         total = tf.reduce_sum(logits)  # Inside the tape: the gradient's target must be recorded too.
+        if scaled:
+            total = optimizer.scale_loss(total)
     gradients = tf.cast(tape.gradient(total, images), tf.float32)
+    if scaled:
+        gradients = gradients / tf.cast(optimizer.dynamic_scale, tf.float32)
     squared_norms = tf.reduce_sum(tf.square(tf.reshape(gradients, (tf.shape(gradients)[0], -1))), axis=1)
     return logits, 0.5 * gamma * tf.reduce_mean(squared_norms)
 

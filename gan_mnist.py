@@ -143,7 +143,7 @@ def build_training(config):
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
             real_logits, r1_penalty = logits_and_r1_penalty(discriminator, conditioned(real_images, real_labels),
-                                                            config.r1)
+                                                            config.r1, d_optimizer)
             fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
             d_loss = discriminator_loss(config, real_logits, fake_logits)
             # Its share of the global batch's mean, times the loss scale under fp16.

@@ -168,6 +168,7 @@ class RunDirectory:
                     differences.append(f"{flag(key)} {getattr(config, key)} (the run has {saved[key]})")
             else:
                 setattr(config, key, saved[key])
+        config.deterministic = config.deterministic or bool(saved.get("deterministic"))  # A repeatable run stays so.
         if differences:
             raise UsageError(f"argument --resume: {self.path} was trained with other settings: "
                              f"{'; '.join(differences)} (only --epochs, --eval-every and a lower --lr may change). "

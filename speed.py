@@ -91,5 +91,17 @@ def match_saved_precision(config):
 
 
 def set_precision(precision):
-    """Make Keras build the next models in `precision` (variables stay float32 under mixed policies)."""
+    """Make Keras build the next models in `precision` (variables stay float32 under mixed policies).
+
+    fp32 is fp32: TensorFlow's default of TF32 for float32 matmuls and convolutions on GPUs of
+    compute capability 8+ (10 mantissa bits, not 23) is turned off; the mixed policies keep it.
+    """
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
+    tf.config.experimental.enable_tensor_float_32_execution(precision != "fp32")
+
+
+def compute_type(precision):
+    """What the matmuls of `precision` compute in, as a benchmark row names it: fp32, tf32, bf16 or fp16."""
+    if precision == "fp32" and distribute.gpus() and tf.config.experimental.tensor_float_32_execution_enabled():
+        return "tf32"
+    return precision

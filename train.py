@@ -38,7 +38,8 @@ def add_flags(parser):
     """The training flags that are not hyperparameters."""
     training = parser.add_argument_group("training")
     training.add_argument("--deterministic", action="store_true",
-                          help="enable TensorFlow's op determinism, for bit-exact repeats on GPUs (slower)")
+                          help="enable TensorFlow's op determinism, for bit-exact repeats on GPUs (slower; saved "
+                               "with the run, so --resume keeps it)")
     training.add_argument("--checkpoint-minutes", metavar="M", type=float, default=CHECKPOINT_MINUTES,
                           help="also save a checkpoint mid-epoch after M minutes of training since the last "
                                f"(0: at the end of each epoch only; default: {CHECKPOINT_MINUTES:g})")
@@ -235,7 +236,8 @@ def resolved_config(config):
     resolved = {key: getattr(config, key) for key in config.hyperparameters}
     resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir,
                     num_samples=config.num_samples, precision=config.precision, xla=config.xla,
-                    steps_per_call=config.steps_per_call, checkpoint_minutes=config.checkpoint_minutes)
+                    steps_per_call=config.steps_per_call, checkpoint_minutes=config.checkpoint_minutes,
+                    deterministic=config.deterministic)
     return resolved
 
 

@@ -5,14 +5,20 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import distribute
 import errors
-from conftest import REPO
+import gan
+import gan_mnist
+import speed
+from conftest import REPO, parse, run_script
+from run_directory import RunDirectory
 
 sys.path.insert(0, str(REPO / "tests"))
 import gpu_kernels  # noqa: E402
@@ -123,3 +129,56 @@ def test_a_gpu_newer_than_the_wheels_machine_code_is_named():
     assert distribute.newer_than_the_wheel({"compute_capability": (8, 9)}, build) is None or newest < 89
     assert distribute.newer_than_the_wheel({"compute_capability": (7, 0)}, build) is None
     assert distribute.newer_than_the_wheel({"compute_capability": divmod(newest, 10)}, build) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision: fp16's R1 gradient loss-scaled, fp32 without TF32
+# ------------------------------------------------------------------------------------------------
+
+
+def small_discriminator(policy, weights=None):
+    keras.mixed_precision.set_global_policy(policy)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 5, strides=2, padding="same"),
+                              keras.layers.LeakyReLU(0.2), keras.layers.Flatten(),
+                              keras.layers.Dense(1, dtype="float32")])
+    if weights:
+        model.set_weights(weights)
+    return model
+
+
+def test_the_r1_gradient_is_loss_scaled_under_fp16(float32_policy_afterwards):
+    """A smooth D (input gradients of ~1e-8, below float16's smallest subnormal, 6e-8): the unscaled
+    float16 gradient underflows to zero; scaled by the loss scale (2**15) it matches float32's R1."""
+    rng = np.random.default_rng(0)
+    reference = small_discriminator("float32")
+    weights = [rng.standard_normal(w.shape).astype(np.float32) * scale
+               for w, scale in zip(reference.get_weights(), (1e-2, 0.0, 1e-7, 0.0))]
+    reference.set_weights(weights)
+    half = small_discriminator("mixed_float16", weights)
+    optimizer = gan.make_optimizer(SimpleNamespace(lr=1e-3, beta1=0.5, beta2=0.999, precision="fp16"),
+                                   half.trainable_variables)
+    images = tf.constant(rng.uniform(-1, 1, (16, 28, 28, 1)).astype(np.float32))
+    exact = float(gan.logits_and_r1_penalty(reference, images, 1.0)[1])
+    scaled = float(gan.logits_and_r1_penalty(half, images, 1.0, optimizer)[1])
+    unscaled = float(gan.logits_and_r1_penalty(half, images, 1.0)[1])
+    assert exact > 0 and abs(scaled - exact) < 0.01 * exact, (scaled, exact)
+    assert abs(unscaled - exact) > 0.5 * exact  # What it was: underflowed (zero here).
+
+
+def test_fp32_turns_tf32_off_and_the_mixed_policies_leave_it_on(float32_policy_afterwards):
+    speed.set_precision("fp32")
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    speed.set_precision("bf16")
+    assert tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_deterministic_is_saved_and_kept_on_resume(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_script("gan_mnist.py", "--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0",
+                        "--deterministic", "--data-dir", str(mnist_dir), "--out", str(run_dir))  # A process of its
+    assert result.returncode == 0, result.stderr[-3000:]  # own: op determinism stays on once turned on.
+    assert json.loads((run_dir / "config.json").read_text())["deterministic"] is True
+    config = parse(gan_mnist, "--resume", "--epochs", "2", "--out", str(run_dir))
+    assert config.deterministic is False  # Not given again on the command line,
+    RunDirectory(run_dir).prepare(config)
+    assert config.deterministic is True  # but kept from the run.
