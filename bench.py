@@ -87,23 +87,33 @@ def training_flops(generator_flops, discriminator_flops, r1=False, g_steps=1):
     return d_update + g_steps * g_update
 
 
-def matmul_peak(precision, size=2048, repeats=8):
-    """Measured GFLOP/s of a large square matmul in `precision`'s compute type, best of three."""
+def peak_side():
+    """The side of the peak's matmuls: 8192 on a GPU (2048 would leave a large GPU mostly idle), 2048 on the CPU."""
+    return 8192 if distribute.gpus() else 2048
+
+
+def matmul_peak(precision, repeats=8):
+    """Measured GFLOP/s of large square matmuls in `precision`'s compute type (TF32 as `speed.set_precision`
+    leaves it), best of three.
+
+    Timed on the device: each timed call chains `repeats` matmuls and returns one number, so the
+    clock waits for the device without copying the matrix to the host (`peak_side` sets the size).
+    """
+    size = peak_side()
     dtype = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
-    a = tf.random.normal((size, size), dtype=tf.float32)
-    a = tf.cast(a, dtype)
+    a = tf.cast(tf.random.normal((size, size), dtype=tf.float32), dtype)
 
     @tf.function
     def chain(x):
         for _ in range(repeats):
             x = tf.matmul(x, a) * tf.cast(1.0 / size, dtype)  # Scaled, so values stay finite.
-        return x
+        return x[0, 0]
 
-    chain(a).numpy()
+    float(chain(a))
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        chain(a).numpy()
+        float(chain(a))
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 * repeats / best / 1e9
 
@@ -192,7 +202,8 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
             continue
         result = time_training(setting, data, build, min_seconds, strategy=on)
         if setting.precision not in peaks:
-            peaks[setting.precision] = matmul_peak(setting.precision)
+            speed.set_precision(setting.precision)  # TF32 as the row trained with it (off for fp32).
+            peaks[setting.precision] = (speed.compute_type(setting.precision), matmul_peak(setting.precision))
         rows.append((label, setting, result))
         if len(rows) == 2:
             # The speedup compares these two rows. Timed one after the other, a slow spell of the
@@ -215,8 +226,8 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
     for label, setting, result in rows:
         images_per_second = setting.batch_size / result["seconds"]
         achieved = result["flops"] * images_per_second / 1e9
-        peak = peaks[setting.precision]
-        line = (f"{label:<22} {setting.precision:>9} {'on' if setting.xla else 'off':>4} {setting.steps_per_call:>3} "
+        compute, peak = peaks[setting.precision]
+        line = (f"{label:<22} {compute:>9} {'on' if setting.xla else 'off':>4} {setting.steps_per_call:>3} "
                 f"{setting.batch_size:>5} {result['seconds'] * 1000:>8.2f} {images_per_second:>8.0f} "
                 f"{result['flops'] / 1e9:>9.3f} {achieved:>8.1f} {peak:>7.0f} {achieved / peak:>7.0%} "
                 f"{result['host_mb']:>8.0f}")
@@ -230,6 +241,7 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
         scaling = rows[-1][2]["seconds"] / rows[1][2]["seconds"]
         print(f"Scaling over {replicas} replicas ({distribute.describe(config)}) against one device: {scaling:.2f}x "
               f"({scaling / replicas:.0%} per replica)")
-    print("peak: a large matmul's GFLOP/s in that precision, measured in this run; GFLOP/img counts one "
-          "image's share of a D and a G update (bench.training_flops); host MB: peak RSS while timing.")
+    print("precision: what matmuls compute in (fp32 is true fp32: TF32 off); peak: large matmuls' GFLOP/s in that "
+          "precision, timed on the device in this run; GFLOP/img counts one image's share of a D and a G update "
+          "(bench.training_flops); host MB: peak RSS while timing.")
     return rows

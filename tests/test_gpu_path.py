@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import bench
 import distribute
 import errors
 import gan
@@ -182,3 +183,29 @@ def test_deterministic_is_saved_and_kept_on_resume(tmp_path, mnist_dir):
     assert config.deterministic is False  # Not given again on the command line,
     RunDirectory(run_dir).prepare(config)
     assert config.deterministic is True  # but kept from the run.
+
+
+def test_the_benchmark_peak_is_sized_for_the_device_and_names_its_compute_type(monkeypatch, float32_policy_afterwards):
+    assert bench.peak_side() == 2048 and speed.compute_type("fp32") == "fp32"  # The CPU here.
+    fake_gpus(monkeypatch, 1)
+    assert bench.peak_side() == 8192
+    tf.config.experimental.enable_tensor_float_32_execution(True)  # TensorFlow's default on a GPU:
+    assert speed.compute_type("fp32") == "tf32"  # a float32 matmul is TF32 there, and the row says so.
+    speed.set_precision("fp32")
+    assert speed.compute_type("fp32") == "fp32" and speed.compute_type("bf16") == "bf16"
+
+
+def test_tensorboard_gets_one_point_per_call_and_the_history_every_step(tmp_path, mnist_dir, float32_policy_afterwards):
+    run_dir = tmp_path / "run"
+    gan_mnist.main(["--epochs", "1", "--limit", "64", "--batch-size", "16", "--steps-per-call", "3", "--eval-every",
+                    "0", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    losses = json.loads((run_dir / "history.json").read_text())["iterations"]["d_loss"]
+    assert len(losses) == 4  # Calls of 3 steps, then 1.
+    points = {}
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag == "iteration/d_loss":
+                    points[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(points) == [3, 4]
+    assert points[3] == pytest.approx(np.mean(losses[:3]), rel=1e-6) and points[4] == pytest.approx(losses[3])
