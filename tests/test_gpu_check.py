@@ -28,3 +28,32 @@ def test_a_check_past_its_timeout_is_marked_and_fails_the_run(tmp_path):
     assert result.returncode == 1
     assert "[devices] timed out (1 s)" in result.stdout
     assert any(line.startswith("devices") and "timed out (1 s)" in line for line in result.stdout.splitlines())
+
+
+def test_without_a_gpu_the_gpu_mode_stops_at_once_installing_nothing(tmp_path):
+    bin_dir = tmp_path / "bin"  # A PATH without nvidia-smi, as on this machine.
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env=dict(os.environ, GPU_CHECK_LOGS=str(tmp_path / "logs")))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == ["gpu_check: no NVIDIA GPU visible (nvidia-smi -L lists none; "
+                                          "/proc/driver/nvidia/gpus/ is empty): nothing to check (--cpu runs the CPU "
+                                          "checks)"]
+    assert not (tmp_path / "logs" / "install.log").exists()
+
+
+def test_a_gpu_that_tensorflow_cannot_see_installs_from_a_wheel_folder_and_says_so(tmp_path):
+    """A stand-in nvidia-smi; pip offline (PIP_NO_INDEX) with an empty folder of wheels: the install is
+    tried from there only, fails, and the check stops in one line."""
+    bin_dir, wheels = tmp_path / "bin", tmp_path / "wheels"
+    bin_dir.mkdir()
+    wheels.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True, timeout=600,
+                            cwd=REPO, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PIP_NO_INDEX="1",
+                                               PIP_FIND_LINKS=str(wheels), GPU_CHECK_LOGS=str(tmp_path / "logs")))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1].startswith('gpu_check: TensorFlow sees no GPU after installing '
+                                                     'tensorflow[and-cuda]>=2.16,<3')
+    install_log = (tmp_path / "logs" / "install.log").read_text()
+    assert "nvidia" in install_log.lower() and "https://" not in install_log  # From the folder, not a registry.
