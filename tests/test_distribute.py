@@ -74,8 +74,8 @@ def test_shares_deal_any_batch_over_any_replica_count():
             assert sum(sizes) == batch and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
-@pytest.mark.parametrize("script, devices, batch", [("gan_mnist.py", 8, 100), ("dcgan_mnist.py", 3, 64),
-                                                    ("dcgan_mnist.py", 8, 64)])
+@pytest.mark.parametrize("script, devices, batch", [("gan_mnist.py", 3, 100), ("gan_mnist.py", 8, 100),
+                                                    ("dcgan_mnist.py", 3, 64), ("dcgan_mnist.py", 8, 64)])
 def test_the_default_batches_train_on_3_and_8_replicas(tmp_path, mnist_dir, script, devices, batch):
     run_dir = tmp_path / "run"
     result = run_script(script, "--epochs", "1", "--limit", str(2 * batch), "--eval-every", "0", "--data-dir",
