@@ -184,12 +184,11 @@ def remove_stale_directories(prefix):
     """Remove the temporary directories of this worker's earlier processes that were killed outright
     (their lock is free); a live process's directory is locked and kept."""
     for path in Path(tempfile.gettempdir()).glob(prefix + "*"):
-        earlier = RunDirectory(path)
         try:
-            earlier.lock()
-        except DataError:
+            if RunDirectory(path).holder():
+                continue
+        except DataError:  # Not a lock this project made: leave it.
             continue
-        earlier.release()
         shutil.rmtree(path, ignore_errors=True)
 
 

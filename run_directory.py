@@ -7,6 +7,7 @@ hyperparameters) and replaced only with `--overwrite`, which removes only the fi
 another program's files are never taken for a run.
 """
 
+import errno
 import json
 import os
 import re
@@ -136,10 +137,14 @@ class RunDirectory:
         starts again from scratch with its saved settings. A directory another process is
         training in is refused first, naming that process.
         """
-        if self.lock_file.is_file():
-            self.lock()  # Only to see whether another process holds it; training takes it again in `create`.
-            self.release()
-        holds_a_run = self.path.is_dir() and self.holds_a_run()
+        holds_a_run = self.path.is_dir() and self.holds_a_run()  # Refuses another program's files, touching none.
+        holder = self.holder()
+        if holder:
+            raise DataError(self._busy(holder))
+        for folder in (self.checkpoints, self.tensorboard):
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise DataError(f"{folder}: not a directory, where a run keeps its {folder.name}; move it away "
+                                f"(nothing was touched)")
         config.saved_run = None
         if not config.resume:
             if holds_a_run and not config.overwrite:
@@ -174,6 +179,11 @@ class RunDirectory:
                              f"{'; '.join(differences)} (only --epochs, --eval-every and a lower --lr may change). "
                              f"Start a new run with --out, or --overwrite")
         if not self.checkpoint_prefixes():
+            trained = [p.name for p in self.output_files() if p not in (self.config, self.real_samples)]
+            if trained:  # Its checkpoints were deleted (to save space, say): starting over would wipe its outputs.
+                raise UsageError(f"argument --resume: {self.path} has trained ({', '.join(trained[:3])}"
+                                 f"{', ...' if len(trained) > 3 else ''}) but holds no checkpoint to go on from; "
+                                 f"its outputs are kept (nothing was touched): --overwrite starts it again")
             print(f"{self.checkpoints}: no checkpoint yet (the run stopped before its first); "
                   f"starting it from scratch with its saved settings")
             config.resume, config.restart = False, True
@@ -236,21 +246,44 @@ class RunDirectory:
                          f"{megabytes(needed_bytes)}; {free} free); the last good checkpoint and every earlier "
                          f"output are kept: free some space and continue with --resume")
 
+    def _open_lock(self, flags):
+        """The lock file's descriptor, never through a symbolic link (O_NOFOLLOW); DataError if it cannot be opened."""
+        try:
+            return os.open(self.lock_file, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            reason = ("a symbolic link, which a run never follows" if error.errno == errno.ELOOP
+                      else error.strerror or str(error))
+            raise DataError(f"{self.lock_file}: cannot open the run's lock ({reason}); nothing was touched") from None
+
+    def _busy(self, holder):
+        return (f"{self.path}: another process (PID {holder}) is training in this run directory; "
+                f"wait for it to finish, or choose another --out")
+
+    def holder(self):
+        """The PID (as text) of another process that holds this directory's lock, or None; changes nothing."""
+        if fcntl is None or self._lock is not None or not os.path.lexists(self.lock_file):
+            return None
+        descriptor = self._open_lock(os.O_RDONLY)
+        with os.fdopen(descriptor) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "unknown"
+            return None  # Free: closing the file releases the lock again.
+
     def lock(self):
         """Hold the directory for this process: an exclusive OS lock on `.lock`, which the kernel releases
         when the process dies (kill -9 too), so no stale lock is left. DataError naming the holder's
         process ID if another process holds it."""
         if fcntl is None or self._lock is not None:
             return
-        handle = open(self.lock_file, "a+")
+        handle = os.fdopen(self._open_lock(os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise DataError(f"{self.path}: another process (PID {holder}) is training in this run directory; "
-                            f"wait for it to finish, or choose another --out") from None
+            raise DataError(self._busy(holder)) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -104,8 +104,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path,
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
     gan_mnist.main(QUICK + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(straight)])
     gan_mnist.main(QUICK + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
-    shutil.rmtree(run_dir / "checkpoints")  # What a kill -9 in the first epoch leaves: config.json, no checkpoint.
-    (run_dir / "history.json").unlink()
+    for path in run_dir.iterdir():  # What a kill -9 in the first epoch leaves: config.json, real_samples.png,
+        if path.name not in ("config.json", "real_samples.png", "tensorboard", ".lock"):  # TensorBoard's file.
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     capsys.readouterr()
     gan_mnist.main(["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
     assert "no checkpoint yet" in capsys.readouterr().out
@@ -258,3 +259,40 @@ def test_sigterm_during_the_evaluation_stops_at_once_and_resumes(tmp_path, mnist
     history = history_of(run_dir)
     assert [e["epoch"] for e in history["epochs"]] == [1, 2] and [e["epoch"] for e in history["evaluations"]] == [2]
     assert len(history["iterations"]["d_loss"]) == 6
+
+
+@pytest.mark.parametrize("damage", ["deleted", "a file"])
+def test_resume_of_a_trained_run_without_checkpoints_keeps_every_output(tmp_path, mnist_dir, capsys, damage):
+    """Users delete checkpoints/ to save space; --resume must not take that run for one killed before its first."""
+    run_dir = tmp_path / "run"
+    gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    shutil.rmtree(run_dir / "checkpoints")
+    if damage == "a file":
+        (run_dir / "checkpoints").write_bytes(b"not a directory")
+    before = contents(run_dir)
+    status, error = fails(gan_mnist, ["--resume", "--epochs", "2", "--out", str(run_dir), "--data-dir",
+                                      str(mnist_dir)], capsys)
+    assert status in (1, 2) and error.count("\n") == 1, error
+    assert ("no checkpoint to go on from; its outputs are kept" in error if damage == "deleted"
+            else "checkpoints: not a directory" in error)
+    assert contents(run_dir) == before
+
+
+def test_a_lock_that_is_a_symlink_is_never_followed(tmp_path, mnist_dir, capsys):
+    run_dir, outside = tmp_path / "run", tmp_path / "precious.txt"
+    gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    outside.write_text("precious")
+    (run_dir / ".lock").unlink()
+    (run_dir / ".lock").symlink_to(outside)
+    for flags in (["--resume", "--epochs", "2"], ["--overwrite", "--epochs", "1"]):
+        status, error = fails(gan_mnist, QUICK + ["--data-dir", str(mnist_dir), "--out", str(run_dir), *flags], capsys)
+        assert status == 1 and error.count("\n") == 1 and "a symbolic link, which a run never follows" in error
+    assert outside.read_text() == "precious" and (run_dir / ".lock").is_symlink()
+
+
+def test_a_foreign_directory_with_a_lock_file_is_refused_untouched(foreign, mnist_dir, capsys):
+    (foreign / ".lock").write_text("not ours")
+    before = contents(foreign)
+    status, error = fails(gan_mnist, QUICK + ["--data-dir", str(mnist_dir), "--out", str(foreign), "--resume"], capsys)
+    assert status == 1 and "not written by a run of this project" in error
+    assert contents(foreign) == before
