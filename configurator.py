@@ -151,6 +151,19 @@ def _add_hyperparameters(parser, script_path, namespace, presets, preset_key, au
     return names
 
 
+def saved_value_problem(key, value, like):
+    """What is wrong with a saved (config.json) `value` of hyperparameter `key`, whose flag takes values of
+    `like`'s type, as its flag's check would say it; None if nothing."""
+    kind = type(like)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return "must be " + {bool: "true or false", float: "a number", int: "a whole number"}.get(kind, "a string")
+    if key in _CHECKS and kind is not bool and not _CHECKS[key][0](value):
+        return _CHECKS[key][1]
+    return None
+
+
 def _check_hyperparameters(config):
     """Each hyperparameter's own range, and the one rule between two of them (a batch within --limit)."""
     for key in config.hyperparameters:

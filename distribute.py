@@ -64,12 +64,44 @@ def split_cpu(count):
 
 
 def cluster_tasks():
-    """How many tasks $TF_CONFIG's cluster names (0 without it)."""
+    """How many tasks $TF_CONFIG's cluster names (0 without it); UsageError naming TF_CONFIG if it is malformed."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return 0
     try:
-        spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
-        return sum(len(tasks) for tasks in spec.get("cluster", {}).values())
-    except (ValueError, TypeError, AttributeError):
-        raise UsageError("environment variable TF_CONFIG: not a JSON object with a \"cluster\" of task lists") from None
+        spec = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"environment variable TF_CONFIG: not JSON ({error})") from None
+    problem = tf_config_problem(spec)
+    if problem:
+        raise UsageError(f"environment variable TF_CONFIG: {problem}")
+    return sum(len(tasks) for tasks in spec["cluster"].values())
+
+
+def tf_config_problem(spec):
+    """What is wrong with a parsed $TF_CONFIG for this project's clusters (chief and worker tasks), or None."""
+    example = '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
+    cluster = spec.get("cluster") if isinstance(spec, dict) else None
+    if not isinstance(cluster, dict) or not cluster:
+        return f'not a JSON object with a "cluster" of task lists, such as {example}'
+    for kind, tasks in cluster.items():
+        if kind not in ("chief", "worker"):
+            return (f'the cluster has "{kind}" tasks; this project trains with "chief" and "worker" tasks only '
+                    f"(MultiWorkerMirroredStrategy: no parameter servers or evaluators)")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and ":" in t for t in tasks):
+            return f'cluster "{kind}" must be a list of "host:port" strings, got {json.dumps(tasks)}'
+    if len(cluster.get("chief", [])) > 1:
+        return f'a cluster has one chief at most, got {len(cluster["chief"])}'
+    task = spec.get("task")
+    if not isinstance(task, dict) or "type" not in task:
+        return f'no "task" naming this process\'s place in the cluster, such as {example}'
+    if task["type"] not in cluster:
+        return f'task type {json.dumps(task["type"])} is not in the cluster ({", ".join(cluster)})'
+    index, count = task.get("index", 0), len(cluster[task["type"]])
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+        return (f'task index {json.dumps(index)} is outside the cluster\'s {count} "{task["type"]}" task'
+                f'{"s" if count > 1 else ""} (0 to {count - 1})')
+    return None
 
 
 def gpus():

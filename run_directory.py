@@ -161,11 +161,18 @@ class RunDirectory:
         if saved.get("script") != config.script:
             raise UsageError(f"argument --resume: {self.path} holds a {saved.get('script')} run, "
                              f"not a {config.script} run")
+        from configurator import saved_value_problem  # Here: configurator imports this module.
+        from utils import parse_classes
+
         differences = []
         config.lr_change = None
         for key in config.hyperparameters:
             if key not in saved:
                 continue
+            problem = saved_value_problem(key, saved[key], getattr(config, key))
+            if problem and not (key in config.explicit and key in RESUMABLE_CHANGES):  # Hand-edited: refused as
+                raise DataError(f"{self.config}: \"{key}\" is {json.dumps(saved[key])}: {problem} "  # its flag
+                                f"(as {flag(key)}); correct it, or start a new run with --out")  # would be.
             if key in config.explicit and getattr(config, key) != saved[key]:
                 if key == "lr" and getattr(config, key) < saved[key]:
                     config.lr_change = (saved[key], config.lr)
@@ -173,6 +180,12 @@ class RunDirectory:
                     differences.append(f"{flag(key)} {getattr(config, key)} (the run has {saved[key]})")
             else:
                 setattr(config, key, saved[key])
+        if "classes" in saved:
+            try:
+                parse_classes(config.classes, config.dataset)
+            except UsageError as error:
+                raise DataError(f"{self.config}: \"classes\" is {json.dumps(config.classes)}: "
+                                f"{str(error).split(': ', 1)[-1]}; correct it, or start a new run with --out") from None
         config.deterministic = config.deterministic or bool(saved.get("deterministic"))  # A repeatable run stays so.
         if differences:
             raise UsageError(f"argument --resume: {self.path} was trained with other settings: "

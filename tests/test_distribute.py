@@ -205,3 +205,23 @@ def test_a_killed_worker_and_its_chief_resume_together(tmp_path, mnist_dir):
     history = json.loads((run_dir / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and len(history["iterations"]["d_loss"]) == 30
     assert not list(temporary.glob("tf2-gan-*"))  # The killed worker's too, removed by its successor.
+
+
+@pytest.mark.parametrize("tf_config, problem", [
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+     'task index 2 is outside the cluster\'s 2 "worker" tasks (0 to 1)'),
+    ('{"cluster": {"worker": "a:1,b:2"}, "task": {"type": "worker", "index": 0}}',
+     'cluster "worker" must be a list of "host:port" strings, got "a:1,b:2"'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}}', 'no "task" naming this process\'s place in the cluster'),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["c:3"]}, "task": {"type": "ps", "index": 0}}',
+     'the cluster has "ps" tasks; this project trains with "chief" and "worker" tasks only'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "chief", "index": 0}}',
+     'task type "chief" is not in the cluster (worker)'),
+    ('{"cluster": [1, 2]}', 'not a JSON object with a "cluster" of task lists'),
+    ("{cluster", "not JSON"),
+])
+def test_a_malformed_tf_config_is_one_line_naming_it(tmp_path, tf_config, problem):
+    result = run_script("gan_mnist.py", "--out", str(tmp_path / "run"), env_extra={"TF_CONFIG": tf_config})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert f"error: environment variable TF_CONFIG: {problem}" in result.stderr
+    assert not (tmp_path / "run").exists()

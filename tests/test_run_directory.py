@@ -296,3 +296,32 @@ def test_a_foreign_directory_with_a_lock_file_is_refused_untouched(foreign, mnis
     status, error = fails(gan_mnist, QUICK + ["--data-dir", str(mnist_dir), "--out", str(foreign), "--resume"], capsys)
     assert status == 1 and "not written by a run of this project" in error
     assert contents(foreign) == before
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_dir):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
+    return run_dir
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("batch_size", 0, '"batch_size" is 0: must be a positive integer (as --batch-size)'),
+    ("lr", "fast", '"lr" is "fast": must be a number (as --lr)'),
+    ("classes", None, '"classes" is null: must be a string (as --classes)'),
+    ("classes", "42", '"classes" is "42": \'42\' is not a mnist class'),
+    ("conditional", "yes", '"conditional" is "yes": must be true or false (as --conditional)'),
+    ("seed", -1, '"seed" is -1: must be a whole number from 0 to 4294967295'),
+])
+def test_a_hand_edited_config_is_checked_as_its_flags_are(trained_run, tmp_path, mnist_dir, capsys, key, value,
+                                                          problem):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(saved | {key: value}))
+    before = contents(run_dir)
+    status, error = fails(gan_mnist, ["--resume", "--epochs", "2", "--out", str(run_dir), "--data-dir", str(mnist_dir)],
+                          capsys)
+    assert status == 1 and error.count("\n") == 1, error
+    assert f"{run_dir / 'config.json'}: {problem}" in error
+    assert contents(run_dir) == before
