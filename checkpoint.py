@@ -62,10 +62,15 @@ class Checkpoint:
         skipped = []
         for prefix in self.run.restore_from.checkpoint_prefixes():
             try:
-                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+                status = self.checkpoint.restore(prefix)
+                status.expect_partial()  # Else a failed restore warns in five lines when collected; its
+                status.assert_existing_objects_matched()  # reason is said in one, below.
                 history = json.loads(self.progress["history"].numpy().decode())
             except (AssertionError, ValueError, IndexError, tf.errors.OpError) as error:
                 skipped.append(f"{Path(prefix).name} ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
+                # The failed attempt leaves values pending, which TensorFlow lists in WARNING lines when they
+                # are collected (at exit, say); the one line here says why instead.
+                tf.get_logger().setLevel("ERROR")
                 continue
             if skipped:
                 print(f"{self.run.restore_from.checkpoints}: skipped the newer {'; '.join(skipped)}; resuming from "

@@ -52,6 +52,8 @@ def add_flags(parser, script_name):
 def check_flags(config):
     if config.resume and config.overwrite:
         raise UsageError("argument --resume: not allowed with --overwrite")
+    if config.out is not None and not config.out.strip():
+        raise UsageError("argument --out: empty; name a run directory (default: results/<script>)")
     config.out = Path(config.out) if config.out else REPO_DIR / "results" / config.script
 
 
@@ -114,6 +116,13 @@ class RunDirectory:
             raise DataError(f"{self.config}: {problem}")
         return saved
 
+    def is_run(self):
+        """Whether this directory holds a run of this project (its config.json reads and carries FORMAT)."""
+        try:
+            return bool(self.read_config())
+        except DataError:
+            return False
+
     def holds_a_run(self):
         """Whether a run of this project is here (its config.json carries FORMAT); DataError for a directory
         that holds another program's files under a run's names, which this project never touches."""
@@ -137,6 +146,10 @@ class RunDirectory:
         starts again from scratch with its saved settings. A directory another process is
         training in is refused first, naming that process.
         """
+        for parent in self.path.resolve().parents:  # Never a run inside another (its checkpoints/, say).
+            if (parent / "config.json").is_file() and RunDirectory(parent).is_run():
+                raise UsageError(f"argument --out: {self.path} is inside the run in {parent}; choose a directory "
+                                 f"outside it")
         holds_a_run = self.path.is_dir() and self.holds_a_run()  # Refuses another program's files, touching none.
         holder = self.holder()
         if holder:
@@ -327,6 +340,10 @@ def _config_problem(saved):
     if not isinstance(saved, dict):
         return f"not a run's configuration (a JSON {type(saved).__name__}, expected an object)"
     legacy = "format" not in saved and "image_shape" in saved and "training_images" in saved
+    if isinstance(saved.get("format"), str) and saved["format"].startswith(FORMAT.rsplit(" ", 1)[0] + " ") \
+            and saved["format"] != FORMAT:
+        return (f"written by a newer version of this project (\"format\": \"{saved['format']}\"; this one reads "
+                f"\"{FORMAT}\"): update this repository to use it (nothing there was touched)")
     if saved.get("format") != FORMAT and not legacy:
         return (f"not written by a run of this project (no \"format\": \"{FORMAT}\"); choose another --out "
                 f"(nothing there was touched)")

@@ -77,6 +77,9 @@ def load_trained_generator(run):
         raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
                         f"(or name the run with --out)")
     saved = run.read_config()
+    if not zipfile.is_zipfile(run.generator):  # Else Keras calls a truncated archive "File not found".
+        raise DataError(f"{run.generator}: damaged (not a complete .keras archive: truncated or overwritten); "
+                        f"train again, or --resume the run, which rewrites it")
     try:
         generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged archive.

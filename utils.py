@@ -10,6 +10,7 @@
 """
 
 import contextlib
+import errno
 import gzip
 import json
 import math
@@ -96,7 +97,10 @@ def read_idx(path, kind, limit=0):
             wanted = count * int(np.prod(shape[1:]))  # Bytes of the `count` items read.
             if wanted > available_memory() // 2:
                 raise DataError(f"{path}: header promises {shape[0]} {kind} ({wanted / 2**30:.1f} GB), more than "
-                                f"half the memory available; pass --limit to read fewer")
+                                f"half the memory available ({available_memory() / 2**30:.1f} GB): a damaged "
+                                f"header, or a file too large for this machine")
+            if shape[0] == 0:
+                raise DataError(f"{path}: holds no {kind} (its header says 0)")
             data = handle.read(wanted)
             if len(data) < wanted:
                 raise DataError(f"{path}: truncated: header promises {expected} bytes of {kind} for shape {shape}, "
@@ -138,11 +142,24 @@ def _read_npz(path, split):
     return _check_pair(images, labels.astype(np.uint8), f"{path} x_{split}", f"y_{split}")
 
 
+def _not_a_file(path):
+    """What is at `path` instead of a regular file, in words."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as error:
+            return "a symbolic link loop" if error.errno == errno.ELOOP else "a dangling symbolic link"
+    return "a directory" if path.is_dir() else "not a regular file"
+
+
 def _idx_files_in(directory, split):
     """The (images, labels) paths of `split` in `directory`, gzip or raw, or None if either is missing."""
     found = []
     for base in downloads.IDX_FILES[split]:
         candidates = [directory / f"{base}.gz", directory / base]
+        for candidate in candidates:  # Something in the way is named, not skipped for a download.
+            if os.path.lexists(candidate) and not candidate.is_file():
+                raise DataError(f"{candidate}: {_not_a_file(candidate)}, where the {base} file should be")
         path = next((c for c in candidates if c.is_file()), None)
         if path is None:
             return None
@@ -257,6 +274,8 @@ def load_training_images(config, image_size=None, transform="none"):
     Refuses a batch size larger than the data, as a flag error, before any model is built.
     """
     images, labels = load_dataset(config, "train", config.limit)
+    if not len(images):
+        raise DataError(f"--classes {config.classes}: the {config.dataset} training set holds no images of them")
     if config.batch_size > len(images):
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the {len(images)} training images")
     # Kept as uint8 at the model's size (a quarter of float32's memory, on the device too); each
