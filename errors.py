@@ -165,6 +165,11 @@ def run_main(main, argv=None):
     except TrainingStopped as stopped:
         print(f"{program}: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_status)
+    except OSError as error:  # A file the checks could not foresee: read-only, full, gone; never a traceback.
+        where = f"{error.filename}: " if error.filename else ""
+        what = ("out of disk space" if is_out_of_space(error) else error.strerror or str(error))
+        print(f"{program}: error: {where}{what}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # Outside training (loading data, say), or a second Ctrl-C in it.
         print(f"\n{program}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -25,10 +25,11 @@ def one_hot(labels, config):
     return np.eye(class_count(config), dtype=np.float32)[np.asarray(labels, np.int64)]
 
 
-def balanced_labels(count, config):
-    """`count` labels cycling through the classes in play (--classes), so every class gets its share."""
-    classes = utils.parse_classes(config.classes, config.dataset)
-    return np.array([classes[i % len(classes)] for i in range(count)], np.int32)
+def balanced_labels(count, config, start=0):
+    """`count` labels cycling through the classes in play (--classes), so every class gets its share;
+    from position `start` of that cycle, so that batches drawn one after another continue it."""
+    classes = np.array(utils.parse_classes(config.classes, config.dataset), np.int32)
+    return classes[np.arange(start, start + count) % len(classes)]
 
 
 def assemble(layers, input_shape, config, name, flatten=False):

@@ -7,6 +7,9 @@ each evaluation; the figures themselves are computed in evaluation.py.
 
 import contextlib
 import os
+import shutil
+import signal
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +21,7 @@ import numpy as np
 
 import evaluation
 import utils
-from errors import DataError, UsageError, out_of_memory
+from errors import DataError, TrainingStopped, UsageError, out_of_memory
 from gan import balanced_labels, one_hot
 
 
@@ -61,7 +64,8 @@ def check_flags(config):
 
 def generate_or_evaluate(config, run):
     """Serve --generate, --interpolate or --evaluate from the trained run in `run`; True if one was asked for."""
-    with out_of_memory("sampling", f"the run's generator ({run.generator})"):
+    doing = "--generate" if config.generate else "--interpolate" if config.interpolate else "--evaluate"
+    with out_of_memory("sampling", f"the run's generator ({run.generator})"), stopped_by_signals(doing):
         if config.generate:
             generate(config, run)
         if config.interpolate:
@@ -71,8 +75,46 @@ def generate_or_evaluate(config, run):
     return bool(config.generate or config.evaluate or config.interpolate)
 
 
-def load_trained_generator(run):
-    """The run's trained generator (Keras safe mode: no code from the file) and the run's saved config."""
+class _Signalled(BaseException):
+    """A signal while sampling: a BaseException, so that no `except Exception` on the way (Keras wraps
+    what a layer raises) takes it for an error of its own."""
+
+
+@contextlib.contextmanager
+def stopped_by_signals(doing):
+    """While active, SIGTERM and SIGINT stop `doing` at once, in one line: the with-blocks it unwinds
+    remove their temporaries, so nothing half-written stays (exit 128 + signal)."""
+    def handle(signum, frame):
+        raise _Signalled(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Signalled as signalled:
+        signum = signalled.args[0]
+        raise TrainingStopped(f"{signal.Signals(signum).name}: stopped {doing}; nothing half-written was left",
+                              128 + signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def check_writable(directory, what):
+    """DataError, before any work, unless this process can create files in `directory` (`what` names it)."""
+    probe = Path(directory) / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"{directory}: cannot write {what} there ({error.strerror or error})") from None
+
+
+def load_trained_generator(run, writes=None):
+    """The run's trained generator (Keras safe mode: no code from the file) and the run's saved config;
+    with `writes` (what will be written into the run), checks first that it can be."""
     if not run.generator.is_file():
         raise DataError(f"{run.generator}: no trained generator in this run directory; train first "
                         f"(or name the run with --out)")
@@ -84,6 +126,8 @@ def load_trained_generator(run):
         generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged archive.
         raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
+    if writes:
+        check_writable(run.path, writes)
     saved.setdefault("transform", "none")
     saved.setdefault("dataset", "mnist")
     saved.setdefault("classes", "")
@@ -115,9 +159,23 @@ def cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
 
 
+def check_cache_dir():
+    """DataError, naming GAN_MNIST_CACHE, unless the classifier cache is a directory this process can write."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"{directory}: cannot use the classifier cache ({error.strerror or error}); "
+                        f"set GAN_MNIST_CACHE to a writable directory") from None
+
+
 def load_evaluator(dataset="mnist", data_dir=None, classes=""):
     """The sample-quality evaluator for `dataset` (and its --classes): the classifier is trained once
     per dataset (minutes) and cached."""
+    check_cache_dir()  # Before minutes of loading and training, not after them.
     config = SimpleNamespace(dataset=dataset, data_dir=data_dir, classes="")
     train_images, train_labels = utils.load_dataset(config, "train")
     test_images, test_labels = utils.load_dataset(config, "test")
@@ -150,7 +208,7 @@ def evaluate_generator(evaluator, generator, count, seed, transform, config):
 
 def evaluate_run(config, run):
     """Score a trained run's generator on `config.num_samples` samples; print and save the figures."""
-    generator, saved = load_trained_generator(run)
+    generator, saved = load_trained_generator(run, "evaluation.json")
     evaluator = load_evaluator(saved.dataset, config.data_dir, saved.classes)
     figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved.transform, saved)
     utils.save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
@@ -162,10 +220,11 @@ def evaluate_run(config, run):
     return figures
 
 
-def _requested_labels(config, saved, count):
-    """--label L for every sample, else labels balanced over the run's classes; checked against the run."""
+def _requested_labels(config, saved, count, start=0):
+    """--label L for every sample, else labels balanced over the run's classes (samples `start` to
+    `start + count` of that cycle); checked against the run."""
     if config.label is None:
-        return balanced_labels(count, saved)
+        return balanced_labels(count, saved, start)
     if not saved.conditional:
         raise UsageError("argument --label: this run is not conditional (trained without --conditional), "
                          "so it cannot be asked for a class")
@@ -181,7 +240,7 @@ def interpolate(config, run, frames=48, points=4):
 
     For a conditional run, a second half morphs through the classes with the noise held fixed.
     """
-    generator, saved = load_trained_generator(run)
+    generator, saved = load_trained_generator(run, "interpolation.gif")
     rng = np.random.default_rng(config.seed)
     columns = config.sample_grid
     anchors = rng.standard_normal((points + 1, columns, _latent_dim(generator))).astype(np.float32)
@@ -220,15 +279,22 @@ def generate(config, run, batch_size=1000):
     Samples are drawn `batch_size` at a time and streamed to the npz, so memory stays bounded
     whatever N is. Returns the grid's samples.
     """
-    generator, saved = load_trained_generator(run)
-    count, native_size = config.generate, utils.DATASETS[saved.dataset].shape[0]
-    labels = _requested_labels(config, saved, count)
+    generator, saved = load_trained_generator(run, "generated_samples.png")
+    if config.samples_npz:
+        check_writable(Path(config.samples_npz).resolve().parent, "--samples-npz")
+    native_size, channels = utils.DATASETS[saved.dataset].shape[0], utils.DATASETS[saved.dataset].shape[-1]
+    if config.samples_npz:
+        check_npz_space(config.samples_npz, config.generate * native_size ** 2 * channels)
+    # Without --samples-npz only the grid's samples are written: the rest would be drawn for nothing.
+    count = config.generate if config.samples_npz else min(config.generate, GRID_LIMIT)
+    _requested_labels(config, saved, 1)  # Checks --label against the run before anything is drawn.
     noise_rng = np.random.default_rng(config.seed)
 
     def batches():  # The same noise as one (count, latent) draw would give: numpy fills it in order.
         for start in range(0, count, batch_size):
             noise = noise_rng.standard_normal((min(batch_size, count - start), _latent_dim(generator)))
-            yield sample_images(generator, noise.astype(np.float32), one_hot(labels[start:start + len(noise)], saved))
+            labels = _requested_labels(config, saved, len(noise), start)  # Streamed, as the images are.
+            yield sample_images(generator, noise.astype(np.float32), one_hot(labels, saved))
 
     shown = []
     npz = NpzImageWriter(config.samples_npz, (count, native_size, native_size, utils.DATASETS[saved.dataset].shape[-1])
@@ -240,11 +306,36 @@ def generate(config, run, batch_size=1000):
                 npz.write(utils.to_dataset_uint8(samples, saved.transform, native_size))
     shown = np.concatenate(shown)
     utils.save_png(run.generated, utils.image_grid(shown))
-    print(f"Wrote {len(shown)} of the {count} samples to {run.generated}"
+    print(f"Wrote {len(shown)} of the {config.generate} samples to {run.generated}"
           + (f" (labels: {config.label if config.label is not None else 'balanced'})" if saved.conditional else ""))
     if config.samples_npz:
         print(f"Wrote {config.samples_npz} (images: uint8 {npz.shape})")
     return shown
+
+
+def check_npz_space(path, size):
+    """Refuse, before any sample is drawn, an npz of `size` uncompressed bytes that its folder cannot hold."""
+    folder = Path(path).resolve().parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        raise DataError(f"{path}: cannot write the samples there ({error.strerror or error})") from None
+    if size > free:
+        raise UsageError(f"argument --generate: {size / 2**30:.1f} GB of samples (uncompressed) cannot fit in "
+                         f"{folder}, which has {free / 2**30:.1f} GB free; ask for fewer, or write --samples-npz "
+                         f"elsewhere")
+
+
+def remove_dead_temporaries(path):
+    """Remove the temporaries `.NAME.tmp-PID.npz` that killed processes left beside `path` (a live one's stay)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.stem}.tmp-*.npz"):
+        try:
+            os.kill(int(leftover.name.rsplit("tmp-", 1)[1].split(".")[0]), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue
 
 
 class NpzImageWriter:
@@ -269,6 +360,7 @@ class NpzImageWriter:
     def __enter__(self):
         try:
             with self._errors():
+                remove_dead_temporaries(self.path)
                 self._zip = zipfile.ZipFile(self.temporary, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
                 self._member = self._zip.open("images.npy", "w", force_zip64=True)
                 np.lib.format.write_array_header_1_0(self._member, {"descr": "|u1", "fortran_order": False,
@@ -290,4 +382,5 @@ class NpzImageWriter:
                 if kind is None:
                     os.replace(self.temporary, self.path)
         finally:
-            self.temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # A read-only folder: nothing to remove, and the error above says so.
+                self.temporary.unlink(missing_ok=True)

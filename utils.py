@@ -392,7 +392,7 @@ def atomic_path(path):
         yield temporary
         os.replace(temporary, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # Not there, or a read-only folder: the error that got here says so.
             temporary.unlink()
 
 

@@ -3,12 +3,16 @@ touches nothing that is not the run's."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 import dcgan_mnist
 import gan_mnist
-from conftest import run_script, write_mnist
+from conftest import REPO, run_script, write_mnist
 from test_run_directory import QUICK, contents, fails
 
 
@@ -106,3 +110,73 @@ def test_a_run_inside_another_run_is_refused(trained, tmp_path, mnist_dir, capsy
                                               str(run_dir / inside)], capsys)
     assert status == 2 and f"is inside the run in {run_dir}" in error
     assert contents(run_dir) == before
+
+
+def test_generate_without_an_npz_draws_only_the_grid_and_refuses_an_npz_the_disk_cannot_hold(trained, tmp_path,
+                                                                                             capsys):
+    run_dir = copy_of(trained, "gan", tmp_path)
+    gan_mnist.main(["--out", str(run_dir), "--generate", str(10**9)])  # Once: a list of 10**9 labels, then 4 GB.
+    assert "Wrote 1024 of the 1000000000 samples" in capsys.readouterr().out
+    status, error = fails(gan_mnist, ["--out", str(run_dir), "--generate", str(10**12), "--samples-npz",
+                                      str(tmp_path / "all.npz")], capsys)
+    assert status == 2 and "of samples (uncompressed) cannot fit in" in error
+    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".all.tmp-*"))
+
+
+def test_sigterm_during_generate_leaves_no_temporary_and_a_dead_ones_is_removed(trained, tmp_path):
+    run_dir = copy_of(trained, "gan", tmp_path)
+    npz = tmp_path / "samples.npz"
+    stale = tmp_path / f".samples.tmp-{2**22 + 12345}.npz"  # A PID above Linux's maximum: a dead process's.
+    stale.write_bytes(b"left by a kill -9")
+    worker = subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--out", str(run_dir), "--generate",
+                               "3000000", "--samples-npz", str(npz)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(f".samples.tmp-{worker.pid}.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # Until its temporary exists: it is writing samples.
+    assert not stale.exists()  # Removed at the start of the write.
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 143 and err.count("\n") == 1 and "SIGTERM: stopped --generate" in err, err
+    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".samples.tmp-*"))
+
+
+def test_a_cache_location_that_cannot_be_written_is_found_first(trained, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("GAN_MNIST_CACHE", str(tmp_path / "a file"))
+    run_dir = copy_of(trained, "gan", tmp_path)
+    status, error = fails(gan_mnist, ["--out", str(run_dir), "--evaluate"], capsys)
+    assert status == 1 and "cannot use the classifier cache" in error and "GAN_MNIST_CACHE" in error
+    assert not (run_dir / "evaluation.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A read-only filesystem: a tmpfs remounted read-only (root only, as the disk-full tests)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_run(trained, tmp_path):
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(mounted.stderr.strip() or 'mount failed').splitlines()[0]})")
+    try:
+        shutil.copytree(trained / "gan", mount_point / "gan")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        yield mount_point / "gan"
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)])
+
+
+@pytest.mark.parametrize("flags", [["--generate", "4"], ["--interpolate"], ["--resume", "--epochs", "2"],
+                                   ["--overwrite", "--epochs", "1"], ["--generate", "4", "--samples-npz", "RO"]])
+def test_a_read_only_run_directory_is_one_line(read_only_run, mnist_dir, flags):
+    flags = [str(read_only_run / "s.npz") if flag == "RO" else flag for flag in flags]
+    before = contents(read_only_run)
+    result = run_script("gan_mnist.py", "--out", str(read_only_run), "--data-dir", str(mnist_dir), *flags)
+    assert result.returncode in (1, 2) and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "Read-only file system" in result.stderr and "Traceback" not in result.stderr
+    assert contents(read_only_run) == before
