@@ -167,7 +167,8 @@ def run_main(main, argv=None):
         sys.exit(stopped.exit_status)
     except OSError as error:  # A file the checks could not foresee: read-only, full, gone; never a traceback.
         where = f"{error.filename}: " if error.filename else ""
-        what = ("out of disk space" if is_out_of_space(error) else error.strerror or str(error))
+        what = ("out of disk space; nothing half-written was left" if is_out_of_space(error)
+                else error.strerror or str(error))
         print(f"{program}: error: {where}{what}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Outside training (loading data, say), or a second Ctrl-C in it.

@@ -321,8 +321,8 @@ def check_npz_space(path, size):
     except OSError as error:
         raise DataError(f"{path}: cannot write the samples there ({error.strerror or error})") from None
     if size > free:
-        raise UsageError(f"argument --generate: {size / 2**30:.1f} GB of samples (uncompressed) cannot fit in "
-                         f"{folder}, which has {free / 2**30:.1f} GB free; ask for fewer, or write --samples-npz "
+        raise UsageError(f"argument --generate: {utils.size_text(size)} of samples (uncompressed) cannot fit in "
+                         f"{folder}, which has {utils.size_text(free)} free; ask for fewer, or write --samples-npz "
                          f"elsewhere")
 
 

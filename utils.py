@@ -380,6 +380,14 @@ def image_grid(images, columns=None, padding=2, background=64):
 # ---------------------------------------------------------------------------------------------
 
 
+def size_text(count):
+    """A byte count for people: 1.2 GB, 34.5 MB or 12 kB."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1024:.0f} kB"
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same suffix); on success rename it onto `path`.
@@ -391,6 +399,10 @@ def atomic_path(path):
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:  # A writer that does not say which file (Pillow on a full disk): this one.
+        if error.filename is None:
+            error.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(OSError):  # Not there, or a read-only folder: the error that got here says so.
             temporary.unlink()

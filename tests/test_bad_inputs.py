@@ -180,3 +180,27 @@ def test_a_read_only_run_directory_is_one_line(read_only_run, mnist_dir, flags):
     assert result.returncode in (1, 2) and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "Read-only file system" in result.stderr and "Traceback" not in result.stderr
     assert contents(read_only_run) == before
+
+
+def test_a_full_disk_during_generate_is_one_line(trained, tmp_path):
+    """The run on a 16 MB tmpfs with room for the npz but not also the grid (root only)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(mounted.stderr.strip() or 'mount failed').splitlines()[0]})")
+    try:
+        run_dir = disk / "gan"
+        run_dir.mkdir()
+        for name in ("config.json", "generator.keras"):
+            shutil.copy(trained / "gan" / name, run_dir / name)
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(bytes(free - 1200 * 1024))  # 1.2 MB left: the npz fits, the grid does not.
+        result = run_script("gan_mnist.py", "--out", str(run_dir), "--generate", "1000", "--samples-npz",
+                            str(disk / "s.npz"))
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert f"{run_dir / 'generated_samples.png'}: out of disk space" in result.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "generator.keras"]  # No temporary.
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
