@@ -174,7 +174,7 @@ def start_or_restore(config, run, build, hooks, steps, strategy=None):
     return SimpleNamespace(train_step=train_step, state=state, averaged=averaged,
                            sampler=averaged.model if averaged else state["generator"], checkpoint=checkpoint,
                            history=history, epochs_done=epochs_done, skip=skip, fixed_noise=checkpoint.fixed_noise(),
-                           steps=steps)
+                           steps=steps, steps_run=0)
 
 
 def build_for_training(config, build, strategy=None):
@@ -315,7 +315,8 @@ def run_epoch(config, session, outputs, train_steps, epoch, batches, first_step,
     epoch_start = time.perf_counter() - resumed_seconds
     for call_start in range(first_step, steps, config.steps_per_call):
         call_values = train_steps(batches[call_start:call_start + config.steps_per_call]).numpy()
-        check_finite(call_values, epoch, call_start, outputs.run, config)
+        check_finite(call_values, epoch, call_start, outputs.run, config, session.steps_run)
+        session.steps_run += len(call_values)
         outputs.record_steps(call_values, (epoch - 1) * steps + call_start)
         step = call_start + len(call_values)
         elapsed = time.perf_counter() - epoch_start
@@ -341,20 +342,35 @@ def save_mid_epoch(session, epoch, step, seconds):
     return history.pop("partial_epoch")
 
 
-def check_finite(call_values, epoch, call_start, run, config):
-    """Stop the run, naming the value, epoch and step, if any step of the call returned NaN or infinity."""
+RESUMED_DIVERGENCE_STEPS = 20  # A resumed run that diverges within these steps diverged in its checkpoint.
+
+
+def check_finite(call_values, epoch, call_start, run, config, steps_run=0):
+    """Stop the run, naming the value, epoch and step, if any step of the call returned NaN or infinity.
+
+    `steps_run` counts the steps this process trained before the call: a resumed run that diverges
+    within RESUMED_DIVERGENCE_STEPS of its start has a checkpoint that diverged already (finite, but
+    blown-up weights), which no lower rate saves; the message then says to start afresh.
+    """
     finite = np.isfinite(call_values).all(axis=1)
     if finite.all():
         return
     row = int(np.argmin(finite))
     bad = METRICS[int(np.argmin(np.isfinite(call_values[row])))]
     prefixes = run.checkpoint_prefixes()
-    command = resume_command(config, run, "--lr", f"{config.lr / 2:g}")
+    where = f"{bad} is {call_values[row][METRICS.index(bad)]} at epoch {epoch}, step {call_start + row + 1}"
+    half = f"{config.lr / 2:g}"
+    if config.resume and steps_run + row < RESUMED_DIVERGENCE_STEPS:
+        fresh = shlex.join(["python", f"{config.script}.py", "--out", f"{run.path}-lr{half}", "--lr", half])
+        raise TrainingStopped(
+            f"{where}, {steps_run + row + 1} steps after resuming: the checkpoint it resumed from has itself "
+            f"diverged (its weights are finite but blown up), so resuming it again, at any rate, diverges too; "
+            f"start afresh with a lower rate: {fresh} (with the run's other flags, from its config.json)", 1)
     raise TrainingStopped(
-        f"{bad} is {call_values[row][METRICS.index(bad)]} at epoch {epoch}, step {call_start + row + 1}: "
-        f"training diverged and stopped; "
+        f"{where}: training diverged and stopped; "
         + (f"the last good checkpoint, {Path(prefixes[0]).name}, is kept: continue it with a lower rate, "
-           f"{command}" if prefixes else "no checkpoint yet: start again with a lower --lr"), 1)
+           f"{resume_command(config, run, '--lr', half)}" if prefixes
+           else "no checkpoint yet: start again with a lower --lr"), 1)
 
 
 def resume_command(config, run, *extra):

@@ -7,11 +7,15 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 import dcgan_mnist
 import gan_mnist
+import train
 from conftest import REPO, run_script, write_mnist
 from test_run_directory import QUICK, contents, fails
 
@@ -204,3 +208,27 @@ def test_a_full_disk_during_generate_is_one_line(trained, tmp_path):
         assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "generator.keras"]  # No temporary.
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+class NanFromTheStart(train.Hooks):
+    """Every compiled call returns NaN losses: what a checkpoint with finite but blown-up weights gives."""
+
+    def calls(self, train_steps):
+        def faulty(indices):
+            values = train_steps(indices).numpy()
+            values[:, 0] = np.nan
+            return tf.constant(values)
+
+        return faulty
+
+
+def test_a_resumed_run_that_diverges_at_once_says_its_checkpoint_diverged(trained, tmp_path, mnist_dir, capsys):
+    run_dir = copy_of(trained, "gan", tmp_path)
+    diverging = SimpleNamespace(main=lambda argv: gan_mnist.main(argv, hooks=NanFromTheStart()))
+    status, error = fails(diverging,
+                          ["--out", str(run_dir), "--resume", "--epochs", "2", "--lr", "1e-4", "--data-dir",
+                           str(mnist_dir)], capsys)
+    assert status == 1 and error.count("\n") == 1
+    assert "1 steps after resuming: the checkpoint it resumed from has itself diverged" in error
+    assert f"start afresh with a lower rate: python gan_mnist.py --out {run_dir}-lr5e-05 --lr 5e-05" in error
+    assert "--resume --lr" not in error  # Not the advice that fails again.
