@@ -23,13 +23,18 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import tensorflow as tf
 
 from errors import DataError, UsageError
 from run_directory import RunDirectory
+
+
+PEER_TIMEOUT = 10.0  # Minutes a worker waits for its cluster: a peer that never starts must not hang it for ever.
 
 
 def add_flags(parser):
@@ -40,6 +45,9 @@ def add_flags(parser):
                               "when there are two or more, else one device; off: one device; mirrored: every GPU, "
                               "or without GPUs the CPU's logical devices (see --cpu-devices); multi-worker: every "
                               "machine of $TF_CONFIG's cluster (default: auto)")
+    devices.add_argument("--peer-timeout", metavar="MINUTES", type=float, default=PEER_TIMEOUT,
+                         help="with a cluster ($TF_CONFIG): how long to wait for every other worker to join before "
+                              f"stopping in one line (default: {PEER_TIMEOUT:g})")
     devices.add_argument("--cpu-devices", metavar="N", type=int, default=0,
                          help="split the CPU into N logical devices, for --distribute mirrored on a machine "
                               "without GPUs (default: 0, the CPU as one device)")
@@ -49,6 +57,8 @@ def add_flags(parser):
 def check_flags(config):
     if config.cpu_devices < 0 or config.cpu_devices > 64:
         raise UsageError(f"argument --cpu-devices: must be from 0 to 64, got {config.cpu_devices}")
+    if not 0 < config.peer_timeout < float("inf"):
+        raise UsageError(f"argument --peer-timeout: must be a positive number of minutes, got {config.peer_timeout}")
     config.replicas = 1  # Until `resolve` picks the strategy.
 
 
@@ -159,6 +169,7 @@ def resolve(config):
         if cluster_tasks() < 2:
             raise UsageError("argument --distribute: multi-worker needs TF_CONFIG naming a cluster of two or "
                              "more tasks")
+        wait_for_peers(config.peer_timeout)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         resolver = strategy.cluster_resolver
         config.chief, config.task = strategy.extended.should_checkpoint, f"{resolver.task_type} {resolver.task_id}"
@@ -169,6 +180,57 @@ def resolve(config):
             devices, cross_device_ops=None if logical_gpus else tf.distribute.ReductionToOneDevice())
     config.distribute, config.replicas = choice, strategy.num_replicas_in_sync
     return strategy
+
+
+def wait_for_peers(minutes):
+    """Wait, bounded by `minutes`, until every other worker of $TF_CONFIG's cluster has started.
+
+    TensorFlow's own wait for them (in MultiWorkerMirroredStrategy's start) has no bound and, in
+    C++, lets no Python signal handler run; so this one comes first, in Python: this worker listens
+    on its own port of the cluster (so that the others see it started), then connects to each other
+    worker's until all answer, then frees its port for TensorFlow. The bound passing is one line
+    (UsageError naming --peer-timeout); Ctrl-C and SIGTERM stop it as anywhere else. Nothing is
+    written before or during the wait.
+    """
+    spec = json.loads(os.environ["TF_CONFIG"])
+    me = (spec["task"]["type"], spec["task"].get("index", 0))
+    addresses = {(kind, index): address for kind, tasks in spec["cluster"].items() for index, address in enumerate(tasks)}
+    peers = [address for key, address in addresses.items() if key != me]
+    print(f"Waiting up to {minutes:g} min for the cluster's other workers ({', '.join(peers)}) to start ...",
+          flush=True)
+    own_port = int(addresses[me].rsplit(":", 1)[1])
+    listener = socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", own_port))
+        listener.listen(len(peers) + 8)  # The kernel completes the others' connections; none is accepted.
+    except OSError as error:
+        listener.close()
+        raise UsageError(f"environment variable TF_CONFIG: this task's port {own_port} ({addresses[me]}) cannot be "
+                         f"used ({error.strerror or error}): another process holds it?") from None
+    deadline = time.monotonic() + 60 * minutes
+    try:
+        waiting = list(peers)
+        while waiting:
+            waiting = [address for address in waiting if not _answers(address)]
+            if waiting and time.monotonic() > deadline:
+                raise UsageError(f"argument --peer-timeout: the cluster's other workers ({', '.join(waiting)}) did not "
+                                 f"start within {minutes:g} min: start the same command on each, with its own "
+                                 f"TF_CONFIG task")
+            if waiting:
+                time.sleep(0.5)
+    finally:
+        listener.close()
+
+
+def _answers(address):
+    """Whether something listens at `address` (host:port)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def prepare(config, run):

@@ -13,8 +13,10 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -51,6 +53,10 @@ class UsageError(ValueError):
 
 class DataError(ValueError):
     """A missing, corrupt or unwritable file or directory; reported in one line, exit status 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM outside training: a BaseException, as KeyboardInterrupt, so that no `except Exception` takes it."""
 
 
 class TrainingStopped(Exception):
@@ -151,6 +157,12 @@ def run_main(main, argv=None):
     First of all, it says so if the machine's GPUs are out of TensorFlow's reach (`unusable_gpus`).
     """
     program = Path(sys.argv[0]).name
+
+    def terminated(signum, frame):  # Outside training (which saves first): stop as Ctrl-C does.
+        raise Terminated
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
     warning = unusable_gpus()
     if warning:
         print(f"{program}: {warning}", file=sys.stderr, flush=True)
@@ -171,6 +183,12 @@ def run_main(main, argv=None):
                 else error.strerror or str(error))
         print(f"{program}: error: {where}{what}", file=sys.stderr)
         sys.exit(1)
+    except Terminated:
+        print(f"{program}: SIGTERM: stopped; nothing half-written was left", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:  # Outside training (loading data, say), or a second Ctrl-C in it.
         print(f"\n{program}: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

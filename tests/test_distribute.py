@@ -3,6 +3,7 @@ between one device and several."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -225,3 +226,37 @@ def test_a_malformed_tf_config_is_one_line_naming_it(tmp_path, tf_config, proble
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert f"error: environment variable TF_CONFIG: {problem}" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def lone_worker(tmp_path, mnist_dir, *flags):
+    """Worker 0 of a two-worker cluster whose worker 1 never starts."""
+    ports = free_ports(2)
+    config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]}, "task": {"type": "worker", "index": 0}}
+    env = dict(os.environ, TF_CONFIG=json.dumps(config), CUDA_VISIBLE_DEVICES="-1")
+    return subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--limit", "640", "--batch-size", "64",
+                             "--eval-every", "0", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def test_a_worker_whose_peers_never_come_stops_at_its_bound(tmp_path, mnist_dir):
+    worker = lone_worker(tmp_path, mnist_dir, "--peer-timeout", "0.05")  # 3 seconds.
+    out, err = worker.communicate(timeout=240)
+    assert worker.returncode == 2, err[-2000:]
+    assert "Waiting up to 0.05 min for the cluster's other workers (localhost:" in out
+    assert err.count("\n") == 1 and "argument --peer-timeout: the cluster's other workers (localhost:" in err
+    assert "did not start within 0.05 min" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_waiting_for_its_peers_stops_on_a_signal(tmp_path, mnist_dir, signum):
+    worker = lone_worker(tmp_path, mnist_dir)
+    line = ""
+    while not line.startswith("Waiting up to 10 min"):  # Printed before the wait; EOF ends the loop if it is not.
+        line = worker.stdout.readline()
+        assert line, worker.stderr.read()[-2000:]
+    worker.send_signal(signum)
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signum and err.count("\n") <= 2, err  # A newline after ^C, then one line.
+    assert ("interrupted" if signum == signal.SIGINT else "SIGTERM: stopped; nothing half-written was left") in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

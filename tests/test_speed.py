@@ -72,7 +72,7 @@ def test_auto_settings_follow_the_device(monkeypatch):
     assert (explicit.precision, explicit.xla, explicit.steps_per_call) == ("fp16", True, 7)
 
     gpu = SimpleNamespace(name="/physical_device:GPU:0", device_type="GPU")
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [gpu])
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
     for capability, precision in (((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "fp32")):
         monkeypatch.setattr(tf.config.experimental, "get_device_details",
                             lambda device, c=capability: {"compute_capability": c})
