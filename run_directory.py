@@ -126,6 +126,9 @@ class RunDirectory:
     def holds_a_run(self):
         """Whether a run of this project is here (its config.json carries FORMAT); DataError for a directory
         that holds another program's files under a run's names, which this project never touches."""
+        if os.path.lexists(self.config) and not self.config.is_file():
+            raise DataError(f"{self.config}: not a file (a directory or a broken link), where a run keeps its "
+                            f"configuration; nothing there was touched")
         if self.config.is_file():
             self.read_config()
             return True

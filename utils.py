@@ -160,11 +160,11 @@ def _idx_files_in(directory, split):
         for candidate in candidates:  # Something in the way is named, not skipped for a download.
             if os.path.lexists(candidate) and not candidate.is_file():
                 raise DataError(f"{candidate}: {_not_a_file(candidate)}, where the {base} file should be")
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            return None
-        found.append(path)
-    return tuple(found)
+        found.append(next((c for c in candidates if c.is_file()), None))
+    if any(found) and not all(found):  # Half a dataset: named, rather than passed over for another copy.
+        missing = downloads.IDX_FILES[split][found.index(None)]
+        raise DataError(f"{directory}: has {Path(next(p for p in found if p)).name} but not {missing}(.gz)")
+    return tuple(found) if all(found) else None
 
 
 def locate_idx_dataset(name, split="train", data_dir=None):

@@ -2,6 +2,7 @@
 touches nothing that is not the run's."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -232,3 +233,19 @@ def test_a_resumed_run_that_diverges_at_once_says_its_checkpoint_diverged(traine
     assert "1 steps after resuming: the checkpoint it resumed from has itself diverged" in error
     assert f"start afresh with a lower rate: python gan_mnist.py --out {run_dir}-lr5e-05 --lr 5e-05" in error
     assert "--resume --lr" not in error  # Not the advice that fails again.
+
+
+@pytest.mark.slow
+def test_every_family_of_bad_input_ends_in_one_line(mnist_dir, tmp_path):
+    """tools/bad_inputs.py: over 150 cases (flags, environment, files read, locations written, signals)."""
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bad_inputs.py"), "--json", str(report)],
+                            capture_output=True, text=True, timeout=3600, cwd=REPO, env=dict(os.environ,
+                                                                                       MNIST_DIR=str(mnist_dir)))
+    print(result.stdout[-6000:])
+    results = json.loads(report.read_text())
+    assert len(results) >= 150
+    assert {r["family"] for r in results} == {"flags", "environment", "files read", "locations written", "signals"}
+    bad = [f"{r['case']}: {r['outcome']} ({r['detail']})" for r in results if r["outcome"] not in ("one line", "ran")]
+    assert not bad, "\n".join(bad)
+    assert result.returncode == 0

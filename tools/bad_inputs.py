@@ -1,0 +1,547 @@
+"""Try what a careless or unlucky user does, one command each, and print a table of what happened.
+
+    python tools/bad_inputs.py [--family NAME] [--only SUBSTRING] [--json FILE] [--jobs N]
+
+The cases come in families: every flag's value, every environment variable, every file the project
+reads, every location it writes, and signals during each phase. Each runs one command of a script
+against real MNIST (found as the scripts find it) and two small trained runs made first, in a
+temporary directory. Its outcome is one of:
+
+    one line     a non-zero exit with exactly one line on stderr and no traceback (a bad input's promise)
+    ran          exit 0, for a case that is valid after all (e.g. a flag given twice)
+    traceback    a Python traceback on stderr
+    hang         still running after its time limit (killed)
+    not one line a non-zero exit with nothing, or several lines, on stderr
+    accepted     exit 0 for an input that should have been refused
+    lost data    a file of the run (or a file outside it) changed when the case should touch nothing
+    half-written a temporary (.NAME.tmp-PID) left in the run directory
+
+The exit status is 0 only if every case ends in "one line" or "ran". tests/test_bad_inputs.py runs it.
+"""
+
+import argparse
+import concurrent.futures
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]
+GOOD = ("one line", "ran")
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    argv: list  # The script first; "{run}", "{data}", "{tmp}" are filled in.
+    expect: str = "one line"  # or "ran"
+    env: dict = field(default_factory=dict)
+    setup: object = None  # setup(tmp): prepares the case's files.
+    run: str = "gan"  # The trained run copied into {run}: gan, dcgan, or None.
+    keep: bool = True  # Whether the run directory must be unchanged afterwards.
+    signal_after: tuple = None  # (line printed, signal): send the signal once stdout shows the line.
+    limit: float = 240.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The cases
+# ------------------------------------------------------------------------------------------------
+
+
+def flag_cases():
+    """Every flag's bad values, for each script, on a fresh --out (nothing may be created there)."""
+    common = {
+        "--epochs": ["0", "-3", "two", "1.5"], "--batch-size": ["0", "-1", "x"], "--limit": ["-5", "ten"],
+        "--sample-grid": ["0", "33"], "--eval-every": ["-1"], "--dataset": ["imagenet", ""],
+        "--classes": ["10", "cat", "0,,x"], "--latent-dim": ["0"], "--lr": ["0", "-1e-3", "nan", "inf", "fast"],
+        "--beta1": ["1", "-0.1"], "--beta2": ["1.5"], "--leaky-slope": ["1"], "--loss": ["wasserstein"],
+        "--r1": ["-1", "nan"], "--ema": ["1", "-0.5"], "--seed": ["-1", str(2**32)],
+        "--precision": ["fp8"], "--steps-per-call": ["-1"], "--cpu-devices": ["-1", "65"],
+        "--peer-timeout": ["0", "-1", "inf"], "--checkpoint-minutes": ["-1", "inf"], "--generate": ["0", "-10"],
+        "--num-samples": ["1"], "--distribute": ["tpu"], "--batch-sizes": ["32,x"],
+    }
+    only = {"gan_mnist.py": {"--dropout": ["1", "-0.2"]},
+            "dcgan_mnist.py": {"--arch": ["48"], "--kernel-size": ["0"], "--bn-momentum": ["1"], "--g-steps": ["0", "11"]}}
+    cases = []
+    for script in ("gan_mnist.py", "dcgan_mnist.py"):
+        for flag, values in {**common, **only[script]}.items():
+            for value in values:
+                cases.append(Case("flags", f"{script} {flag} {value!r}", [script, flag, value, "--out", "{tmp}/new"],
+                                  run=None))
+    cases += [
+        Case("flags", "unknown flag", ["gan_mnist.py", "--learning-rate", "1e-3", "--out", "{tmp}/new"], run=None),
+        Case("flags", "abbreviated flag", ["gan_mnist.py", "--epo", "2", "--out", "{tmp}/new"], run=None),
+        Case("flags", "--resume with --overwrite", ["gan_mnist.py", "--resume", "--overwrite", "--out", "{run}"]),
+        Case("flags", "--label without --generate", ["gan_mnist.py", "--label", "3", "--out", "{run}"]),
+        Case("flags", "--samples-npz without --generate", ["gan_mnist.py", "--samples-npz", "a.npz", "--out", "{run}"]),
+        Case("flags", "--samples-npz not .npz", ["gan_mnist.py", "--generate", "4", "--samples-npz", "{tmp}/a.txt",
+                                                  "--out", "{run}"]),
+        Case("flags", "--evaluate with --generate", ["gan_mnist.py", "--evaluate", "--generate", "4", "--out", "{run}"]),
+        Case("flags", "--batch-sizes without --benchmark", ["gan_mnist.py", "--batch-sizes", "32", "--out", "{run}"]),
+        Case("flags", "--label on an unconditional run", ["gan_mnist.py", "--generate", "4", "--label", "3", "--out",
+                                                          "{run}"]),
+        Case("flags", "--batch-size above --limit", ["gan_mnist.py", "--limit", "50", "--batch-size", "64", "--out",
+                                                     "{tmp}/new"], run=None),
+        Case("flags", "--out empty", ["gan_mnist.py", "--out", ""], run=None),
+        Case("flags", "--resume with a higher --lr", ["gan_mnist.py", "--resume", "--lr", "1", "--epochs", "2",
+                                                      "--out", "{run}"]),
+        Case("flags", "--resume with another --batch-size", ["gan_mnist.py", "--resume", "--batch-size", "32",
+                                                             "--epochs", "2", "--out", "{run}"]),
+        Case("flags", "--resume a finished run", ["gan_mnist.py", "--resume", "--out", "{run}"]),
+        Case("flags", "--resume the other script's run", ["dcgan_mnist.py", "--resume", "--epochs", "2", "--out",
+                                                          "{run}"]),
+        Case("flags", "a run without --resume or --overwrite", ["gan_mnist.py", "--epochs", "2", "--out", "{run}"]),
+        Case("flags", "a flag given twice", ["gan_mnist.py", *QUICK, "--epochs", "2", "--epochs", "1", "--out",
+                                             "{tmp}/new"], expect="ran", run=None),
+        Case("flags", "--batch-size smaller than the replicas", ["gan_mnist.py", "--batch-size", "1", "--distribute",
+                                                                 "mirrored", "--cpu-devices", "2", "--out",
+                                                                 "{tmp}/new"], run=None),
+        Case("flags", "--precision fp16 on a non-fp16 run", ["gan_mnist.py", "--resume", "--epochs", "2",
+                                                             "--precision", "fp16", "--out", "{run}"]),
+    ]
+    return cases
+
+
+def environment_cases():
+    tf_configs = {
+        "index beyond the cluster": {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 5}},
+        "worker list a string": {"cluster": {"worker": "a:1,b:2"}, "task": {"type": "worker", "index": 0}},
+        "no task": {"cluster": {"worker": ["a:1", "b:2"]}},
+        "a ps task": {"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "ps", "index": 0}},
+        "a task type not in the cluster": {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "chief"}},
+        "a cluster list": {"cluster": ["a:1", "b:2"]},
+        "an index that is text": {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": "0"}},
+        "two chiefs": {"cluster": {"chief": ["a:1", "b:2"], "worker": ["c:3"]}, "task": {"type": "chief"}},
+        "an address without a port": {"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 0}},
+    }
+    cases = [Case("environment", f"TF_CONFIG: {name}", ["gan_mnist.py", "--out", "{tmp}/new"],
+                  env={"TF_CONFIG": json.dumps(spec)}, run=None) for name, spec in tf_configs.items()]
+    cases += [
+        Case("environment", "TF_CONFIG: not JSON", ["gan_mnist.py", "--out", "{tmp}/new"], env={"TF_CONFIG": "{x"},
+             run=None),
+        Case("environment", "MNIST_DIR: a missing directory", ["gan_mnist.py", *QUICK, "--out", "{tmp}/new"],
+             env={"MNIST_DIR": "{tmp}/nowhere", "GAN_TEST_OFFLINE": "1"}, run=None),
+        Case("environment", "MNIST_DIR: a file", ["gan_mnist.py", *QUICK, "--out", "{tmp}/new"],
+             env={"MNIST_DIR": "{tmp}/a-file"}, setup=lambda tmp: (tmp / "a-file").write_text("x"), run=None),
+        Case("environment", "MNIST_DIR: junk files", ["gan_mnist.py", *QUICK, "--out", "{tmp}/new"],
+             env={"MNIST_DIR": "{tmp}/junk"}, setup=junk_mnist, run=None),
+        Case("environment", "CIFAR10_DIR: an empty directory", ["dcgan_mnist.py", "--dataset", "cifar10", *QUICK,
+                                                                "--out", "{tmp}/new"],
+             env={"CIFAR10_DIR": "{tmp}/empty"}, setup=lambda tmp: (tmp / "empty").mkdir(), run=None),
+        Case("environment", "FASHION_MNIST_DIR: junk files", ["gan_mnist.py", "--dataset", "fashion_mnist", *QUICK,
+                                                              "--out", "{tmp}/new"],
+             env={"FASHION_MNIST_DIR": "{tmp}/junk"}, setup=junk_mnist, run=None),
+        Case("environment", "GAN_MNIST_CACHE: a file", ["gan_mnist.py", "--evaluate", "--out", "{run}"],
+             env={"GAN_MNIST_CACHE": "{tmp}/a-file"}, setup=lambda tmp: (tmp / "a-file").write_text("x")),
+        Case("environment", "GAN_MNIST_CACHE: under a file", ["gan_mnist.py", "--evaluate", "--out", "{run}"],
+             env={"GAN_MNIST_CACHE": "{tmp}/a-file/cache"}, setup=lambda tmp: (tmp / "a-file").write_text("x")),
+        Case("environment", "XDG_CACHE_HOME: a file", ["gan_mnist.py", "--evaluate", "--out", "{run}"],
+             env={"XDG_CACHE_HOME": "{tmp}/a-file", "GAN_MNIST_CACHE": ""},
+             setup=lambda tmp: (tmp / "a-file").write_text("x")),
+        Case("environment", "CUDA_VISIBLE_DEVICES=-1", ["gan_mnist.py", "--generate", "4", "--out", "{run}"],
+             env={"CUDA_VISIBLE_DEVICES": "-1"}, expect="ran", keep=False),
+        Case("environment", "CUDA_VISIBLE_DEVICES empty", ["gan_mnist.py", "--generate", "4", "--out", "{run}"],
+             env={"CUDA_VISIBLE_DEVICES": ""}, expect="ran", keep=False),
+    ]
+    return cases
+
+
+def junk_mnist(tmp):
+    junk = tmp / "junk"
+    junk.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (junk / name).write_bytes(b"<html>not found</html>")
+
+
+def mnist_copy(tmp, change):
+    """A copy of the real MNIST's training files in {tmp}/data, changed by `change(directory)`."""
+    data = tmp / "data"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        shutil.copy(MNIST / name, data / name)
+    change(data)
+
+
+def rewrite_images(data, transform):
+    path = data / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(transform(raw), compresslevel=1))
+
+
+def edit_config(**changes):
+    def setup(tmp):
+        path = tmp / "run" / "config.json"
+        saved = json.loads(path.read_text())
+        saved.update(changes)
+        for key in [k for k, v in changes.items() if v is DELETE]:
+            del saved[key]
+        path.write_text(json.dumps(saved))
+    return setup
+
+
+DELETE = object()
+
+
+def replace(relative, new):
+    def setup(tmp):
+        path = tmp / "run" / relative
+        content = new(path) if callable(new) else new  # Made from the file before it goes.
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        if content == "dir":
+            path.mkdir()
+        elif content == "loop":
+            path.symlink_to(path)
+        elif content == "dangling":
+            path.symlink_to(tmp / "nowhere")
+        elif content is not None:
+            path.write_bytes(content)
+    return setup
+
+
+def truncate_newest_checkpoint(tmp):
+    data = sorted((tmp / "run" / "checkpoints").glob("ckpt-*.data-*"))[-1]
+    data.write_bytes(data.read_bytes()[:100])
+
+
+def file_cases():
+    data = ["--data-dir", "{tmp}/data", *QUICK, "--out", "{tmp}/new"]
+    cases = [
+        Case("files read", "MNIST: truncated gzip", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+                 (d / "train-images-idx3-ubyte.gz").read_bytes()[:5000]))),
+        Case("files read", "MNIST: not gzip", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(b"plain"))),
+        Case("files read", "MNIST: bad magic", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: rewrite_images(d, lambda raw: b"\0\0\0\0" + raw[4:]))),
+        Case("files read", "MNIST: 32x32 images", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: rewrite_images(
+                 d, lambda raw: raw[:8] + (32).to_bytes(4, "big") * 2 + raw[16:]))),
+        Case("files read", "MNIST: a header promising 2**32-1 images", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: rewrite_images(
+                 d, lambda raw: raw[:4] + (2**32 - 1).to_bytes(4, "big") + raw[8:]))),
+        Case("files read", "MNIST: zero images", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: rewrite_images(
+                 d, lambda raw: raw[:4] + (0).to_bytes(4, "big") + raw[8:16]))),
+        Case("files read", "MNIST: trailing bytes", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: rewrite_images(d, lambda raw: raw + b"extra"))),
+        Case("files read", "MNIST: labels file missing", ["gan_mnist.py", *data, "--epochs", "1"], run=None,
+             env={"GAN_TEST_OFFLINE": "1"},
+             setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-labels-idx1-ubyte.gz").unlink())),
+        Case("files read", "MNIST: a label of 12", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(
+                 gzip.compress(gzip.decompress((d / "train-labels-idx1-ubyte.gz").read_bytes())[:8]
+                               + bytes([12]) * 60000)))),
+        Case("files read", "MNIST: a directory in a file's place", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: ((d / "train-images-idx3-ubyte.gz").unlink(),
+                                                          (d / "train-images-idx3-ubyte.gz").mkdir()))),
+        Case("files read", "MNIST: a symlink loop", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: ((d / "train-images-idx3-ubyte.gz").unlink(),
+                                                          (d / "train-images-idx3-ubyte.gz").symlink_to(
+                                                              d / "train-images-idx3-ubyte.gz")))),
+        Case("files read", "MNIST: a dangling symlink", ["gan_mnist.py", *data], run=None,
+             setup=lambda tmp: mnist_copy(tmp, lambda d: ((d / "train-images-idx3-ubyte.gz").unlink(),
+                                                          (d / "train-images-idx3-ubyte.gz").symlink_to(
+                                                              d / "gone")))),
+    ]
+    resume = ["gan_mnist.py", "--resume", "--epochs", "2", "--out", "{run}"]
+    configs = {
+        "batch_size 0": {"batch_size": 0}, "lr 'fast'": {"lr": "fast"}, "classes null": {"classes": None},
+        "classes '42'": {"classes": "42"}, "conditional 'yes'": {"conditional": "yes"}, "seed -1": {"seed": -1},
+        "latent_dim 2.5": {"latent_dim": 2.5}, "loss 'l2'": {"loss": "l2"}, "ema 1": {"ema": 1},
+        "dataset 'svhn'": {"dataset": "svhn"}, "script 'other'": {"script": "other"},
+        "a newer format": {"format": "tf2-gan-mnist run 9"}, "another program's": {"format": "other"},
+        "no format, no shape": {"format": DELETE, "image_shape": DELETE},
+    }
+    cases += [Case("files read", f"config.json: {name}", resume, setup=edit_config(**changes))
+              for name, changes in configs.items()]
+    cases += [
+        Case("files read", "config.json: not JSON", resume, setup=replace("config.json", b"{")),
+        Case("files read", "config.json: a list", resume, setup=replace("config.json", b"[1]")),
+        Case("files read", "config.json: a directory", resume, setup=replace("config.json", "dir")),
+        Case("files read", "config.json: empty", resume, setup=replace("config.json", b"")),
+        Case("files read", "config.json (generate): not JSON", ["gan_mnist.py", "--generate", "4", "--out", "{run}"],
+             setup=replace("config.json", b"{")),
+        Case("files read", "generator.keras: truncated", ["gan_mnist.py", "--generate", "4", "--out", "{run}"],
+             setup=replace("generator.keras", lambda path: path.read_bytes()[:4000])),
+        Case("files read", "generator.keras: empty", ["gan_mnist.py", "--generate", "4", "--out", "{run}"],
+             setup=replace("generator.keras", b"")),
+        Case("files read", "generator.keras: a zip of junk", ["gan_mnist.py", "--evaluate", "--out", "{run}"],
+             setup=replace("generator.keras", _junk_zip)),
+        Case("files read", "generator.keras: a directory", ["gan_mnist.py", "--interpolate", "--out", "{run}"],
+             setup=replace("generator.keras", "dir")),
+        Case("files read", "generator.keras: missing", ["gan_mnist.py", "--generate", "4", "--out", "{run}"],
+             setup=replace("generator.keras", None)),
+        Case("files read", "generator.keras: the other script's (it draws)", ["dcgan_mnist.py", "--generate", "4",
+                                                                               "--out", "{run}"], expect="ran",
+             keep=False),
+        Case("files read", "checkpoints: the newest truncated, the others gone", resume,
+             setup=lambda tmp: (truncate_newest_checkpoint(tmp),)),
+        Case("files read", "checkpoints: deleted", resume, setup=replace("checkpoints", None)),
+        Case("files read", "checkpoints: a file", resume, setup=replace("checkpoints", b"x")),
+        Case("files read", "checkpoints: the other script's", ["dcgan_mnist.py", "--resume", "--epochs", "2",
+                                                               "--out", "{run}"], run="dcgan",
+             setup=lambda tmp: (shutil.rmtree(tmp / "run" / "checkpoints"),
+                                shutil.copytree(TRAINED / "gan" / "checkpoints", tmp / "run" / "checkpoints"))),
+        Case("files read", "tensorboard: a file", resume, setup=replace("tensorboard", b"x")),
+        Case("files read", "history.json: damaged (the checkpoint holds it)", resume, expect="ran", keep=False,
+             setup=replace("history.json", b"{")),
+    ]
+    return cases
+
+
+def _junk_zip(path):
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("config.json", "not json")
+    return buffer.getvalue()
+
+
+def location_cases():
+    cases = [
+        Case("locations written", "--out is a file", ["gan_mnist.py", *QUICK, "--out", "{tmp}/a-file"], run=None,
+             setup=lambda tmp: (tmp / "a-file").write_text("keep")),
+        Case("locations written", "--out under a file", ["gan_mnist.py", *QUICK, "--out", "{tmp}/a-file/run"],
+             run=None, setup=lambda tmp: (tmp / "a-file").write_text("keep")),
+        Case("locations written", "--out inside another run's checkpoints", ["gan_mnist.py", *QUICK, "--out",
+                                                                              "{run}/checkpoints"]),
+        Case("locations written", "--out inside another run", ["gan_mnist.py", *QUICK, "--out", "{run}/sub/run"]),
+        Case("locations written", "--out another program's directory", ["gan_mnist.py", *QUICK, "--overwrite",
+                                                                         "--out", "{tmp}/other"], run=None,
+             setup=lambda tmp: ((tmp / "other").mkdir(), (tmp / "other" / "config.json").write_text('{"x": 1}'),
+                                (tmp / "other" / ".lock").write_text("theirs"))),
+        Case("locations written", ".lock a symlink to a file outside", ["gan_mnist.py", "--resume", "--epochs", "2",
+                                                                        "--out", "{run}"],
+             setup=lambda tmp: ((tmp / "run" / ".lock").unlink(missing_ok=True),
+                                (tmp / "outside").write_text("precious"),
+                                (tmp / "run" / ".lock").symlink_to(tmp / "outside"))),
+        Case("locations written", ".lock a directory", ["gan_mnist.py", "--resume", "--epochs", "2", "--out", "{run}"],
+             setup=replace(".lock", "dir")),
+        Case("locations written", "--samples-npz in a missing folder", ["gan_mnist.py", "--generate", "4",
+                                                                        "--samples-npz", "{tmp}/no/such/s.npz",
+                                                                        "--out", "{run}"]),
+        Case("locations written", "--samples-npz a directory", ["gan_mnist.py", "--generate", "4", "--samples-npz",
+                                                                "{tmp}/d.npz", "--out", "{run}"],
+             setup=lambda tmp: (tmp / "d.npz").mkdir()),
+        Case("locations written", "--samples-npz under a file", ["gan_mnist.py", "--generate", "4", "--samples-npz",
+                                                                 "{tmp}/a-file/s.npz", "--out", "{run}"],
+             setup=lambda tmp: (tmp / "a-file").write_text("keep")),
+        Case("locations written", "--generate 10**12 into an npz", ["gan_mnist.py", "--generate", str(10**12),
+                                                                    "--samples-npz", "{tmp}/s.npz", "--out", "{run}"]),
+        Case("locations written", "--generate 10**9 without an npz", ["gan_mnist.py", "--generate", str(10**9),
+                                                                      "--out", "{run}"], expect="ran", keep=False),
+        Case("locations written", "--generate into a run directory that is gone", ["gan_mnist.py", "--generate", "4",
+                                                                                   "--out", "{tmp}/gone"], run=None),
+    ]
+    if os.geteuid() == 0:  # Read-only mounts need root.
+        for flags in (["--generate", "4"], ["--interpolate"], ["--evaluate", "--num-samples", "100"],
+                      ["--resume", "--epochs", "2"], ["--overwrite", "--epochs", "1"]):
+            cases.append(Case("locations written", f"read-only run directory: {' '.join(flags)}",
+                              ["gan_mnist.py", *flags, "--out", "{ro}/run"], run="gan-ro"))
+    return cases
+
+
+def signal_cases():
+    train = ["gan_mnist.py", "--epochs", "50", "--limit", "6400", "--batch-size", "64", "--eval-every", "0",
+             "--out", "{tmp}/new"]
+    return [
+        Case("signals", "SIGTERM while loading data", train, run=None, expect="one line",
+             signal_after=("TensorFlow ", signal.SIGTERM)),
+        Case("signals", "SIGINT while loading data", train, run=None, signal_after=("TensorFlow ", signal.SIGINT)),
+        Case("signals", "SIGTERM while training", train, run=None, signal_after=("epoch 1/50 step", signal.SIGTERM)),
+        Case("signals", "SIGINT while training", train, run=None, signal_after=("epoch 1/50 step", signal.SIGINT)),
+        Case("signals", "SIGTERM during --generate", ["gan_mnist.py", "--generate", "2000000", "--samples-npz",
+                                                      "{tmp}/s.npz", "--out", "{run}"],
+             signal_after=("@temporary {tmp}/.s.tmp-*.npz", signal.SIGTERM)),
+        Case("signals", "SIGINT during --generate (DCGAN)", ["dcgan_mnist.py", "--generate", "500000", "--samples-npz",
+                                                             "{tmp}/s.npz", "--out", "{run}"], run="dcgan",
+             signal_after=("@temporary {tmp}/.s.tmp-*.npz", signal.SIGINT)),
+        Case("signals", "SIGTERM waiting for a cluster's peers", ["gan_mnist.py", "--out", "{tmp}/new"], run=None,
+             env={"TF_CONFIG": "@cluster"}, signal_after=("Waiting up to", signal.SIGTERM)),
+        Case("signals", "a cluster's peers never come", ["gan_mnist.py", "--peer-timeout", "0.05", "--out",
+                                                         "{tmp}/new"], run=None, env={"TF_CONFIG": "@cluster"}),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running them
+# ------------------------------------------------------------------------------------------------
+
+
+def snapshot(directory):
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    # The run's own lock holds the PID of the last process that took it: not the run's data.
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() and not p.is_symlink() else str(p.lstat().st_mode))
+            for p in sorted(directory.rglob("*")) if p.name != ".lock" or p.is_symlink()}
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def run_case(case, root):
+    tmp = Path(tempfile.mkdtemp(dir=root))
+    if case.run == "gan-ro":
+        ro = tmp / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ro)], check=True)
+        shutil.copytree(TRAINED / "gan", ro / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    elif case.run:
+        shutil.copytree(TRAINED / case.run, tmp / "run")
+    try:
+        if case.setup:
+            case.setup(tmp)
+        fill = {"{tmp}": str(tmp), "{run}": str(tmp / "run"), "{ro}": str(tmp / "ro")}
+
+        def filled(text):
+            for key, value in fill.items():
+                text = text.replace(key, value)
+            return text
+
+        argv = [filled(arg) for arg in case.argv]
+        env = dict(os.environ, MNIST_DIR=str(MNIST))
+        env.update({key: filled(value) for key, value in case.env.items()})
+        if env.get("TF_CONFIG") == "@cluster":
+            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]},
+                                           "task": {"type": "worker", "index": 0}})
+            env["CUDA_VISIBLE_DEVICES"] = "-1"
+        if env.get("GAN_MNIST_CACHE") == "":
+            del env["GAN_MNIST_CACHE"]
+        watched = {"run": tmp / "run", "outside": tmp / "outside", "a-file": tmp / "a-file", "other": tmp / "other"}
+        before = {name: snapshot(path) if path.is_dir() else (path.read_bytes() if path.is_file() else None)
+                  for name, path in watched.items()}
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, str(REPO / argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+        if case.signal_after:
+            wait_then_signal(process, case.signal_after, filled, case.limit)
+        try:
+            out, err = process.communicate(timeout=case.limit)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            return outcome(case, "hang", f"still running after {case.limit:g} s", started)
+        # Progress a command prints on stderr before its error (a download tried, a signal acknowledged while
+        # training saves) is not an error line.
+        err_lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Downloading ")
+                     and " received: " not in line]
+        if "Traceback" in err:
+            return outcome(case, "traceback", err.strip().splitlines()[-1], started)
+        if case.keep:
+            for name, path in watched.items():
+                after = snapshot(path) if path.is_dir() else (path.read_bytes() if path.is_file() else None)
+                if after != before[name] and not (name == "run" and before[name] is None):
+                    changed = (sorted(set(after or {}) ^ set(before[name] or {}) | {k for k in (after or {}) if (
+                        before[name] or {}).get(k, after[k]) != after[k]}) if isinstance(after, dict) else [name])
+                    return outcome(case, "lost data", f"{name} changed ({', '.join(changed[:3])}); "
+                                   f"{err_lines[-1] if err_lines else ''}", started)
+        if (tmp / "run").is_dir() and list((tmp / "run").glob(".*.tmp-*")):
+            return outcome(case, "half-written", str(list((tmp / "run").glob(".*.tmp-*"))[0]), started)
+        if process.returncode == 0:
+            return outcome(case, "ran" if case.expect == "ran" else "accepted", (out.strip().splitlines() or [""])[-1],
+                           started)
+        if len(err_lines) != 1:
+            return outcome(case, "not one line", f"exit {process.returncode}: {' | '.join(err_lines[-3:])}", started)
+        return outcome(case, "one line" if case.expect == "one line" else "refused", err_lines[0], started)
+    finally:
+        if case.run == "gan-ro":
+            subprocess.run(["umount", "-l", str(tmp / "ro")])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_then_signal(process, trigger, filled, limit):
+    """Send the case's signal once its trigger holds: a line on stdout, a temporary file, or some seconds."""
+    text, signum = trigger
+    deadline = time.monotonic() + limit
+    if text.startswith("@temporary "):
+        pattern = Path(filled(text.split(" ", 1)[1]))
+        while not list(pattern.parent.glob(pattern.name)) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        import threading
+        seen = threading.Event()
+
+        def read():
+            for line in process.stdout:
+                if line.startswith(text) or ("\r" in line and text in line):
+                    seen.set()
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+        while not seen.is_set() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signum)
+
+
+def outcome(case, result, detail, started):
+    return {"family": case.family, "case": case.name, "outcome": result, "detail": detail[:160],
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+def all_cases():
+    return flag_cases() + environment_cases() + file_cases() + location_cases() + signal_cases()
+
+
+def main():
+    global MNIST, TRAINED
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--family", default="", help="run only this family (flags, environment, files read, ...)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=2, help="cases run at once (default: 2)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    import errors  # noqa: F401  (TensorFlow, quietly)
+    import utils
+
+    located = utils.locate_idx_dataset("mnist", "train")[0]
+    if not located or len(located) != 2:
+        sys.exit("bad_inputs: no MNIST IDX files found (set MNIST_DIR)")
+    MNIST = Path(located[0]).parent
+    cases = [case for case in all_cases() if args.only in case.name and args.family in case.family]
+    with tempfile.TemporaryDirectory(prefix="bad-inputs-") as root:
+        root = Path(root)
+        TRAINED = root / "trained"
+        for script, name in (("gan_mnist.py", "gan"), ("dcgan_mnist.py", "dcgan")):
+            subprocess.run([sys.executable, str(REPO / script), *QUICK, "--epochs", "1", "--data-dir", str(MNIST),
+                            "--out", str(TRAINED / name)], check=True, capture_output=True, cwd=root)
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda case: run_case(case, root), cases))
+    width = max(len(r["case"]) for r in results)
+    for result in results:
+        print(f"{result['family']:<18} {result['case']:<{width}} {result['outcome']:<13} {result['seconds']:>6} s  "
+              f"{result['detail']}")
+    counts = {}
+    for result in results:
+        counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
+    print(f"\n{len(results)} cases: " + ", ".join(f"{count} {name}" for name, count in sorted(counts.items())))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    sys.exit(0 if all(r["outcome"] in GOOD for r in results) else 1)
+
+
+MNIST = TRAINED = None
+
+if __name__ == "__main__":
+    main()
