@@ -149,6 +149,7 @@ def test_sigterm_during_generate_leaves_no_temporary_and_a_dead_ones_is_removed(
 def test_a_cache_location_that_cannot_be_written_is_found_first(trained, tmp_path, monkeypatch, capsys):
     (tmp_path / "a file").write_text("")
     monkeypatch.setenv("GAN_MNIST_CACHE", str(tmp_path / "a file"))
+    monkeypatch.setenv("MNIST_DIR", str(tmp_path / "no data"))  # Loading data first would fail on this instead.
     run_dir = copy_of(trained, "gan", tmp_path)
     status, error = fails(gan_mnist, ["--out", str(run_dir), "--evaluate"], capsys)
     assert status == 1 and "cannot use the classifier cache" in error and "GAN_MNIST_CACHE" in error
