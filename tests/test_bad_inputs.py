@@ -242,7 +242,7 @@ def test_every_family_of_bad_input_ends_in_one_line(mnist_dir, tmp_path):
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bad_inputs.py"), "--json", str(report)],
                             capture_output=True, text=True, timeout=3600, cwd=REPO, env=dict(os.environ,
-                                                                                       MNIST_DIR=str(mnist_dir)))
+                                                                                       MNIST_DIR=str(mnist_dir.resolve())))
     print(result.stdout[-6000:])
     results = json.loads(report.read_text())
     assert len(results) >= 150

@@ -518,7 +518,7 @@ def main():
     located = utils.locate_idx_dataset("mnist", "train")[0]
     if not located or len(located) != 2:
         sys.exit("bad_inputs: no MNIST IDX files found (set MNIST_DIR)")
-    MNIST = Path(located[0]).parent
+    MNIST = Path(located[0]).parent.resolve()  # The cases run in other directories.
     cases = [case for case in all_cases() if args.only in case.name and args.family in case.family]
     with tempfile.TemporaryDirectory(prefix="bad-inputs-") as root:
         root = Path(root)
