@@ -347,12 +347,26 @@ def location_cases():
         Case("locations written", "--generate into a run directory that is gone", ["gan_mnist.py", "--generate", "4",
                                                                                    "--out", "{tmp}/gone"], run=None),
     ]
-    if os.geteuid() == 0:  # Read-only mounts need root.
+    if can_mount():  # Read-only mounts need root (and a machine that allows mounts).
         for flags in (["--generate", "4"], ["--interpolate"], ["--evaluate", "--num-samples", "100"],
                       ["--resume", "--epochs", "2"], ["--overwrite", "--epochs", "1"]):
             cases.append(Case("locations written", f"read-only run directory: {' '.join(flags)}",
                               ["gan_mnist.py", *flags, "--out", "{ro}/run"], run="gan-ro"))
     return cases
+
+
+def can_mount():
+    """Whether a tmpfs can be mounted here (root, and a machine that allows it)."""
+    probe = Path(tempfile.mkdtemp(prefix="bad-inputs-mount-"))
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True)
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(probe)], capture_output=True)
+        return mounted.returncode == 0
+    except OSError:
+        return False
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def signal_cases():
