@@ -63,8 +63,8 @@ class Checkpoint:
         for prefix in self.run.restore_from.checkpoint_prefixes():
             try:
                 status = self.checkpoint.restore(prefix)
-                status.expect_partial()  # Else a failed restore warns in five lines when collected; its
-                status.assert_existing_objects_matched()  # reason is said in one, below.
+                status.expect_partial()  # A mismatch is said in one line below, not in TensorFlow's warnings.
+                status.assert_existing_objects_matched()
                 history = json.loads(self.progress["history"].numpy().decode())
             except (AssertionError, ValueError, IndexError, tf.errors.OpError) as error:
                 skipped.append(f"{Path(prefix).name} ({type(error).__name__}: {str(error).strip().splitlines()[0]})")

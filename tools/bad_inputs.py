@@ -129,7 +129,7 @@ def environment_cases():
         Case("environment", "TF_CONFIG: not JSON", ["gan_mnist.py", "--out", "{tmp}/new"], env={"TF_CONFIG": "{x"},
              run=None),
         Case("environment", "MNIST_DIR: a missing directory", ["gan_mnist.py", *QUICK, "--out", "{tmp}/new"],
-             env={"MNIST_DIR": "{tmp}/nowhere", "GAN_TEST_OFFLINE": "1"}, run=None),
+             env={"MNIST_DIR": "{tmp}/nowhere"}, run=None),
         Case("environment", "MNIST_DIR: a file", ["gan_mnist.py", *QUICK, "--out", "{tmp}/new"],
              env={"MNIST_DIR": "{tmp}/a-file"}, setup=lambda tmp: (tmp / "a-file").write_text("x"), run=None),
         Case("environment", "MNIST_DIR: junk files", ["gan_mnist.py", *QUICK, "--out", "{tmp}/new"],
@@ -216,9 +216,10 @@ def truncate_newest_checkpoint(tmp):
     data.write_bytes(data.read_bytes()[:100])
 
 
-def file_cases():
+def mnist_file_cases():
+    """The real MNIST's files, damaged, in --data-dir."""
     data = ["--data-dir", "{tmp}/data", *QUICK, "--out", "{tmp}/new"]
-    cases = [
+    return [
         Case("files read", "MNIST: truncated gzip", ["gan_mnist.py", *data], run=None,
              setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
                  (d / "train-images-idx3-ubyte.gz").read_bytes()[:5000]))),
@@ -238,7 +239,6 @@ def file_cases():
         Case("files read", "MNIST: trailing bytes", ["gan_mnist.py", *data], run=None,
              setup=lambda tmp: mnist_copy(tmp, lambda d: rewrite_images(d, lambda raw: raw + b"extra"))),
         Case("files read", "MNIST: labels file missing", ["gan_mnist.py", *data, "--epochs", "1"], run=None,
-             env={"GAN_TEST_OFFLINE": "1"},
              setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-labels-idx1-ubyte.gz").unlink())),
         Case("files read", "MNIST: a label of 12", ["gan_mnist.py", *data], run=None,
              setup=lambda tmp: mnist_copy(tmp, lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(
@@ -256,6 +256,10 @@ def file_cases():
                                                           (d / "train-images-idx3-ubyte.gz").symlink_to(
                                                               d / "gone")))),
     ]
+
+
+def run_file_cases():
+    """A trained run's files, damaged: config.json, generator.keras, checkpoints, history.json."""
     resume = ["gan_mnist.py", "--resume", "--epochs", "2", "--out", "{run}"]
     configs = {
         "batch_size 0": {"batch_size": 0}, "lr 'fast'": {"lr": "fast"}, "classes null": {"classes": None},
@@ -265,8 +269,8 @@ def file_cases():
         "a newer format": {"format": "tf2-gan-mnist run 9"}, "another program's": {"format": "other"},
         "no format, no shape": {"format": DELETE, "image_shape": DELETE},
     }
-    cases += [Case("files read", f"config.json: {name}", resume, setup=edit_config(**changes))
-              for name, changes in configs.items()]
+    cases = [Case("files read", f"config.json: {name}", resume, setup=edit_config(**changes))
+             for name, changes in configs.items()]
     cases += [
         Case("files read", "config.json: not JSON", resume, setup=replace("config.json", b"{")),
         Case("files read", "config.json: a list", resume, setup=replace("config.json", b"[1]")),
@@ -514,7 +518,7 @@ def outcome(case, result, detail, started):
 
 
 def all_cases():
-    return flag_cases() + environment_cases() + file_cases() + location_cases() + signal_cases()
+    return flag_cases() + environment_cases() + mnist_file_cases() + run_file_cases() + location_cases() + signal_cases()
 
 
 def main():
