@@ -14,21 +14,15 @@ with which it learned faster. Samples come from an exponential moving average of
 (--ema); Radford's recipe is --batch-size 128 --lr 2e-4 --beta1 0.5 --r1 0 --ema 0.
 """
 
-import errors  # First: it loads TensorFlow with its start-up chatter muted.
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import bench  # noqa: E402
-import configurator  # noqa: E402
-import distribute  # noqa: E402
-import sample  # noqa: E402
-import speed  # noqa: E402
-import train  # noqa: E402
-import utils  # noqa: E402
-from gan import (GlobalBatchNormalization, assemble, cross_entropy, d_scores, global_mean,  # noqa: E402
-                 label_helpers, logits_and_r1_penalty, make_optimizer)
-from run_directory import RunDirectory  # noqa: E402
+from ganlab import keras, tf  # TensorFlow and Keras, loaded with their start-up chatter muted
+from ganlab import bench, configurator, errors
+from ganlab.devices import distribute, speed
+from ganlab.models import (GlobalBatchNormalization, assemble, cross_entropy, d_scores, global_mean, label_helpers,
+                           logits_and_r1_penalty, make_optimizer)
+from ganlab.run import loop
+from ganlab.run.directory import RunDirectory
+from ganlab.sampling import sample
+import utils
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.
@@ -182,7 +176,7 @@ def generator_loss(config, fake_logits):
 def build_training(config, preset):
     """The two models, their optimizers and one training step: (train_step, state).
 
-    train.py calls it under the chosen precision policy and runs `train_step` inside its compiled
+    loop.py calls it under the chosen precision policy and runs `train_step` inside its compiled
     loop; `state` is what a checkpoint holds.
     """
     generator = build_generator(config, preset)
@@ -248,7 +242,7 @@ def main(argv=None, hooks=None):
     if config.benchmark:
         bench.benchmark(config, data, build, strategy=strategy)
     else:
-        train.train(config, run, data, build, transform, hooks, strategy)
+        loop.train(config, run, data, build, transform, hooks, strategy)
 
 
 if __name__ == "__main__":

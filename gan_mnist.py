@@ -9,22 +9,17 @@ cross-entropy); samples come from an exponential moving average of G's weights (
 The seed recipe is `--loss ns --ema 0`; the study behind these two defaults is in results/README.md.
 """
 
-import errors  # First: it loads TensorFlow with its start-up chatter muted.
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import bench  # noqa: E402
-import configurator  # noqa: E402
-import distribute  # noqa: E402
-import sample  # noqa: E402
-import speed  # noqa: E402
-import train  # noqa: E402
-import utils  # noqa: E402
-from gan import (assemble, cross_entropy, d_scores, global_mean, label_helpers,  # noqa: E402
-                 logits_and_r1_penalty, make_optimizer)
-from run_directory import RunDirectory  # noqa: E402
+from ganlab import keras, tf  # TensorFlow and Keras, loaded with their start-up chatter muted
+from ganlab import bench, configurator, errors
+from ganlab.devices import distribute, speed
+from ganlab.models import (assemble, cross_entropy, d_scores, global_mean, label_helpers, logits_and_r1_penalty,
+                           make_optimizer)
+from ganlab.run import loop
+from ganlab.run.directory import RunDirectory
+from ganlab.sampling import sample
+import utils
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters. Each is a flag under the same name (BATCH_SIZE is --batch-size); see --help.
@@ -123,7 +118,7 @@ def generator_loss(config, fake_logits):
 def build_training(config):
     """The two models, their optimizers and one training step: (train_step, state).
 
-    train.py calls it under the chosen precision policy and runs `train_step` inside its compiled
+    loop.py calls it under the chosen precision policy and runs `train_step` inside its compiled
     loop; `state` is what a checkpoint holds.
     """
     generator = build_generator(config)
@@ -182,7 +177,7 @@ def main(argv=None, hooks=None):
     if config.benchmark:
         bench.benchmark(config, data, build_training, strategy=strategy)
     else:
-        train.train(config, run, data, build_training, hooks=hooks, strategy=strategy)
+        loop.train(config, run, data, build_training, hooks=hooks, strategy=strategy)
 
 
 if __name__ == "__main__":

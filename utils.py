@@ -25,9 +25,9 @@ import matplotlib
 import numpy as np
 import tensorflow as tf
 
-import cifar10
-import downloads
-from errors import DataError, UsageError
+from ganlab.datasets import cifar10
+from ganlab.datasets import downloads
+from ganlab.errors import DataError, UsageError
 
 matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
 import matplotlib.pyplot as plt  # noqa: E402

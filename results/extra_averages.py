@@ -7,7 +7,7 @@ It runs the given script with the given flags, unchanged, and keeps beside the r
 after n steps: the run's own schedule is cap = --ema, c = 10. Whenever the run scores its own
 average, every extra one is scored too (same samples, same noise), printed and appended to
 <out>/extra_averages.jsonl. The averages never touch training, so one run compares them all. It
-joins the training loop through train.Hooks, as any tool may.
+joins the training loop through loop.Hooks, as any tool may.
 """
 
 import importlib
@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # The project's modules, from the repository root.
 
-import errors  # noqa: E402  (first: it loads TensorFlow quietly)
-import train  # noqa: E402
-from gan import AveragedGenerator  # noqa: E402
+from ganlab import errors  # noqa: E402  (first: it loads TensorFlow quietly)
+from ganlab.run import loop  # noqa: E402
+from ganlab.models import AveragedGenerator  # noqa: E402
 
 # (cap, c) of each extra average. The first repeats the default schedule of gan_mnist.py (--ema
 # 0.999), so with --ema 0.999 its figures must equal the run's own: a check that the extras see
@@ -27,7 +27,7 @@ from gan import AveragedGenerator  # noqa: E402
 EXTRAS = [(0.999, 10.0), (0.9995, 10.0), (0.9998, 10.0), (1.0, 10.0), (1.0, 4.0), (1.0, 2.0)]
 
 
-class ExtraAverages(train.Hooks):
+class ExtraAverages(loop.Hooks):
     """Keeps the EXTRAS averages of G beside the run's own, and scores them whenever the run scores its own."""
 
     def __init__(self, out):

@@ -17,9 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import cifar10  # noqa: E402
-import configurator  # noqa: E402
-import speed  # noqa: E402
+from ganlab.datasets import cifar10  # noqa: E402
+from ganlab import configurator  # noqa: E402
+from ganlab.devices import speed  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import utils  # noqa: E402
 

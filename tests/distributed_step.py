@@ -18,14 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
+from ganlab import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import configurator  # noqa: E402
-import distribute  # noqa: E402
-import speed  # noqa: E402
-import train  # noqa: E402
+from ganlab import configurator  # noqa: E402
+from ganlab.devices import distribute  # noqa: E402
+from ganlab.devices import speed  # noqa: E402
+from ganlab.run import loop  # noqa: E402
 
 
 class SharedNoise:
@@ -59,7 +59,7 @@ def build_and_step(module, config, strategy, weights=None):
     tf.random.Generator.from_seed = staticmethod(lambda seed: SharedNoise(seed))
     build = module["build_training"] if "PRESETS" not in module else (
         lambda settings: module["build_training"](settings, module["PRESETS"][settings.arch]))
-    train_step, state, averaged = train.build_for_training(config, build, strategy)
+    train_step, state, averaged = loop.build_for_training(config, build, strategy)
     models = [state["generator"], state["discriminator"]] + ([averaged.model] if averaged else [])
     if weights:
         for model, values in zip(models, weights["before"]):
@@ -68,7 +68,7 @@ def build_and_step(module, config, strategy, weights=None):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (BATCH * 2,) + tuple(IMAGE_SHAPE), dtype=np.uint8)
     labels = rng.integers(0, 10, (BATCH * 2,), dtype=np.int32)
-    steps = train.compile_steps(train_step, tf.constant(images), tf.constant(labels), config, strategy)
+    steps = loop.compile_steps(train_step, tf.constant(images), tf.constant(labels), config, strategy)
     values = steps(np.arange(BATCH, dtype=np.int32)[None]).numpy()
     return {"before": before, "after": [model.get_weights() for model in models], "values": values}
 

@@ -22,15 +22,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
+from ganlab import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import kernels  # noqa: E402
 
-import configurator  # noqa: E402
-import distribute  # noqa: E402
-import speed  # noqa: E402
-import train  # noqa: E402
+from ganlab import configurator  # noqa: E402
+from ganlab.devices import distribute  # noqa: E402
+from ganlab.devices import speed  # noqa: E402
+from ganlab.run import loop  # noqa: E402
 
 # Ops that TensorFlow keeps on the host by design, whatever the device, each with its reason. None
 # is needed today: every op of the training call has a GPU kernel for its types. (The shapes and
@@ -97,11 +97,11 @@ def traced_call(script, mode, argv):
     speed.resolve(config, default_steps_per_call=1)
     build = module["build_training"] if "PRESETS" not in module else (
         lambda settings: module["build_training"](settings, module["PRESETS"][settings.arch]))
-    train_step, state, averaged = train.build_for_training(config, build, strategy)
+    train_step, state, averaged = loop.build_for_training(config, build, strategy)
     side = module["PRESETS"][config.arch]["image_size"] if "PRESETS" in module else 28
     images = np.zeros((config.batch_size * 2, side, side, 1), np.uint8)
     labels = np.zeros((config.batch_size * 2,), np.int32)
-    steps = train.compile_steps(train_step, images, labels, config, strategy)
+    steps = loop.compile_steps(train_step, images, labels, config, strategy)
     return steps.get_concrete_function().graph.as_graph_def()
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
+from ganlab import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
 import keras  # noqa: E402
 from tensorflow.python.checkpoint import functional_saver  # noqa: E402
 
-import outputs  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
+from ganlab.run import outputs  # noqa: E402
+from ganlab.sampling import sample  # noqa: E402
+from ganlab.run import loop  # noqa: E402
 import utils  # noqa: E402
 
 moment, wanted = sys.argv[1], int(sys.argv[2])
@@ -63,7 +63,7 @@ def after(name, owner, attribute, when=lambda *args, **kwargs: True):
     setattr(owner, attribute, wrapper)
 
 
-class KillingHooks(train.Hooks):
+class KillingHooks(loop.Hooks):
     def calls(self, train_steps):
         def counted(indices):
             values = train_steps(indices)
@@ -75,7 +75,7 @@ class KillingHooks(train.Hooks):
 
 MOMENTS = {
     "loading-data": lambda: before("loading-data", utils, "load_training_images"),
-    "models-built": lambda: after("models-built", train, "build_for_training"),
+    "models-built": lambda: after("models-built", loop, "build_for_training"),
     "after-call": lambda: None,
     # The shards are written to ckpt-N_temp/, the merge into ckpt-N has not run.
     "checkpoint-save": lambda: before("checkpoint-save", functional_saver.gen_io_ops, "merge_v2_checkpoints"),

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import dcgan_mnist
 import gan_mnist
-import train
+from ganlab.run import loop
 from conftest import REPO, run_script, write_mnist
 from test_run_directory import QUICK, contents, fails
 
@@ -212,7 +212,7 @@ def test_a_full_disk_during_generate_is_one_line(trained, tmp_path):
         subprocess.run(["umount", "-l", str(disk)])
 
 
-class NanFromTheStart(train.Hooks):
+class NanFromTheStart(loop.Hooks):
     """Every compiled call returns NaN losses: what a checkpoint with finite but blown-up weights gives."""
 
     def calls(self, train_steps):

@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-import errors
-import gan
+from ganlab import errors
+from ganlab import models
 import gan_mnist
-import train
+from ganlab.run import loop
 import utils
 from conftest import parse
 
@@ -25,7 +25,7 @@ def conditional_config(module, *argv):
 @pytest.mark.parametrize("classes, expected", [("", list(range(10))), ("3,9", [3, 9])])
 def test_drawn_labels_cover_every_class_in_play_the_last_included(classes, expected):
     config = conditional_config(gan_mnist, "--classes", classes) if classes else conditional_config(gan_mnist)
-    random_labels, conditioned = gan.label_helpers(config, tf.random.Generator.from_seed(0))
+    random_labels, conditioned = models.label_helpers(config, tf.random.Generator.from_seed(0))
     labels = random_labels(5000).numpy()
     assert sorted(set(labels.tolist())) == expected
     counts = np.bincount(labels)[expected]
@@ -40,7 +40,7 @@ def test_conditional_models_take_a_label(module):
     preset = [module.PRESETS["28"]] if module is dcgan_mnist else []
     generator = module.build_generator(config, *preset)
     discriminator = module.build_discriminator(config, *preset)
-    noise, labels = np.zeros((3, config.latent_dim), np.float32), gan.one_hot([0, 5, 9], config)
+    noise, labels = np.zeros((3, config.latent_dim), np.float32), models.one_hot([0, 5, 9], config)
     images = generator([noise, labels])
     assert images.shape == (3, 28, 28, 1)
     assert discriminator([images, tf.constant(labels)]).shape == (3, 1)
@@ -51,7 +51,7 @@ def test_conditional_models_take_a_label(module):
 def test_every_class_is_in_the_training_batches(mnist_dir):
     config = conditional_config(gan_mnist, "--data-dir", str(mnist_dir), "--limit", "600", "--batch-size", "100")
     _, labels = utils.load_training_images(config)
-    batches = train.epoch_batches(config.seed, 1, len(labels), 6, 100)
+    batches = loop.epoch_batches(config.seed, 1, len(labels), 6, 100)
     assert sorted(set(labels[batches.ravel()].tolist())) == list(range(10))
 
 

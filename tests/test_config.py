@@ -5,7 +5,7 @@ import re
 import pytest
 
 import dcgan_mnist
-import errors
+from ganlab import errors
 import gan_mnist
 from conftest import parse, run_script
 

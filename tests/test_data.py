@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-import downloads
-import errors
+from ganlab.datasets import downloads
+from ganlab import errors
 import utils
 from conftest import idx_bytes, run_script, write_mnist
 

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import cifar10
-import downloads
-import errors
+from ganlab.datasets import cifar10
+from ganlab.datasets import downloads
+from ganlab import errors
 import utils
 
 @pytest.fixture(autouse=True)
@@ -154,7 +154,7 @@ def test_cifar_download_with_a_wrong_checksum_leaves_nothing(tmp_path, monkeypat
 import imageio.v3 as iio  # noqa: E402
 
 import dcgan_mnist  # noqa: E402
-import evaluation  # noqa: E402
+from ganlab.sampling import evaluation  # noqa: E402
 import gan_mnist  # noqa: E402
 
 QUICK = ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0"]

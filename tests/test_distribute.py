@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import distribute
+from ganlab.devices import distribute
 import gan_mnist
 from conftest import REPO, run_script
 
@@ -92,7 +92,7 @@ def test_the_default_batches_train_on_3_and_8_replicas(tmp_path, mnist_dir, scri
 OVERFLOW_ON_ONE_REPLICA = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import errors, distribute, gan, keras, tensorflow as tf
+from ganlab import errors, distribute, gan, keras, tensorflow as tf
 from types import SimpleNamespace
 distribute.split_cpu(2)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-import evaluation
+from ganlab.sampling import evaluation
 import gan_mnist
-import sample
+from ganlab.sampling import sample
 import utils
 
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import bench
-import distribute
-import errors
-import gan
+from ganlab import bench
+from ganlab.devices import distribute
+from ganlab import errors
+from ganlab import models
 import gan_mnist
-import speed
+from ganlab.devices import speed
 from conftest import REPO, parse, run_script
-from run_directory import RunDirectory
+from ganlab.run.directory import RunDirectory
 
 sys.path.insert(0, str(REPO / "tests"))
 import gpu_kernels  # noqa: E402
@@ -156,12 +156,12 @@ def test_the_r1_gradient_is_loss_scaled_under_fp16(float32_policy_afterwards):
                for w, scale in zip(reference.get_weights(), (1e-2, 0.0, 1e-7, 0.0))]
     reference.set_weights(weights)
     half = small_discriminator("mixed_float16", weights)
-    optimizer = gan.make_optimizer(SimpleNamespace(lr=1e-3, beta1=0.5, beta2=0.999, precision="fp16"),
+    optimizer = models.make_optimizer(SimpleNamespace(lr=1e-3, beta1=0.5, beta2=0.999, precision="fp16"),
                                    half.trainable_variables)
     images = tf.constant(rng.uniform(-1, 1, (16, 28, 28, 1)).astype(np.float32))
-    exact = float(gan.logits_and_r1_penalty(reference, images, 1.0)[1])
-    scaled = float(gan.logits_and_r1_penalty(half, images, 1.0, optimizer)[1])
-    unscaled = float(gan.logits_and_r1_penalty(half, images, 1.0)[1])
+    exact = float(models.logits_and_r1_penalty(reference, images, 1.0)[1])
+    scaled = float(models.logits_and_r1_penalty(half, images, 1.0, optimizer)[1])
+    unscaled = float(models.logits_and_r1_penalty(half, images, 1.0)[1])
     assert exact > 0 and abs(scaled - exact) < 0.01 * exact, (scaled, exact)
     assert abs(unscaled - exact) > 0.5 * exact  # What it was: underflowed (zero here).
 

@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-import train
+from ganlab.run import loop
 import utils
 
 
@@ -75,8 +75,8 @@ def test_save_png_and_gif_round_trip(tmp_path):
 
 
 def test_plot_history_draws_every_curve_in_its_colour(tmp_path):
-    history = {"iterations": {key: list(np.linspace(0.1, 0.9, 20)) for key in train.METRICS},
-               "epochs": [{"epoch": e, **{key: 0.5 for key in train.METRICS}} for e in (1, 2)]}
+    history = {"iterations": {key: list(np.linspace(0.1, 0.9, 20)) for key in loop.METRICS},
+               "epochs": [{"epoch": e, **{key: 0.5 for key in loop.METRICS}} for e in (1, 2)]}
     utils.plot_history(tmp_path / "losses.png", history)
     picture = iio.imread(tmp_path / "losses.png")[..., :3].astype(int)
     assert picture.shape == (700, 800, 3)  # figsize (8, 7) at 100 dpi.
@@ -84,7 +84,7 @@ def test_plot_history_draws_every_curve_in_its_colour(tmp_path):
     for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)):
         assert (np.abs(picture - colour).sum(axis=-1) < 30).sum() > 100, colour
     assert list(tmp_path.iterdir()) == [tmp_path / "losses.png"]
-    utils.plot_history(tmp_path / "empty.png", {"iterations": {key: [] for key in train.METRICS}, "epochs": []})
+    utils.plot_history(tmp_path / "empty.png", {"iterations": {key: [] for key in loop.METRICS}, "epochs": []})
     assert not (tmp_path / "empty.png").exists()  # Nothing to plot, nothing written.
 
 

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-import gan
+from ganlab import models
 import gan_mnist
-import train
+from ganlab.run import loop
 from conftest import config_for, run_script
 
 pytestmark = pytest.mark.usefixtures("float32_policy_afterwards")
@@ -35,7 +35,7 @@ def test_each_scripts_losses_compute_their_stated_objective(module, loss, d_expe
 
 def test_d_scores_are_the_batch_means_of_sigmoid_of_the_logits():
     real, fake = tf.constant([[2.0], [0.0]]), tf.constant([[-1.0], [1.0]])
-    scores = gan.d_scores(real, fake)
+    scores = models.d_scores(real, fake)
     np.testing.assert_allclose([scores["d_real"], scores["d_fake"]],
                                [np.mean(1 / (1 + np.exp([-2.0, 0.0]))), np.mean(1 / (1 + np.exp([1.0, -1.0])))],
                                rtol=1e-6)
@@ -47,15 +47,15 @@ def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
     discriminator = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(inputs)))
     w = discriminator.layers[-1].kernel.numpy()
     images = tf.random.normal((5, 28, 28, 1))
-    logits, penalty = gan.logits_and_r1_penalty(discriminator, images, 10.0)
+    logits, penalty = models.logits_and_r1_penalty(discriminator, images, 10.0)
     np.testing.assert_allclose(penalty.numpy(), 0.5 * 10.0 * np.sum(w ** 2), rtol=1e-5)
     assert logits.shape == (5, 1)
-    assert gan.logits_and_r1_penalty(discriminator, images, 0.0)[1] == 0.0
+    assert models.logits_and_r1_penalty(discriminator, images, 0.0)[1] == 0.0
 
 
 def test_the_average_follows_its_warmed_up_decay_exactly():
     config = config_for(gan_mnist, "--ema", "0.999", "--precision", "fp32", "--batch-size", "8")
-    train_step, state, averaged = train.build_for_training(config, gan_mnist.build_training)
+    train_step, state, averaged = loop.build_for_training(config, gan_mnist.build_training)
     generator = state["generator"]
     before = [v.numpy() for v in generator.trainable_variables]
     np.testing.assert_array_equal(averaged.model.get_weights()[0], generator.get_weights()[0])
@@ -78,7 +78,7 @@ def test_the_average_follows_its_warmed_up_decay_exactly():
 
 def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
     config = config_for(dcgan_mnist, "--ema", "0.9", "--precision", "fp32", "--batch-size", "8")
-    train_step, state, averaged = train.build_for_training(
+    train_step, state, averaged = loop.build_for_training(
         config, lambda settings: dcgan_mnist.build_training(settings, dcgan_mnist.PRESETS["28"]))
     step = tf.function(train_step)
     for _ in range(3):
@@ -128,7 +128,7 @@ def test_other_losses_train_end_to_end_and_the_raw_generator_is_scored_beside_th
 
 def test_g_steps_updates_g_that_many_times_per_d_update():
     config = config_for(dcgan_mnist, "--g-steps", "2", "--batch-size", "4", "--precision", "fp32")
-    train_step, state, _ = train.build_for_training(config, lambda settings: dcgan_mnist.build_training(
+    train_step, state, _ = loop.build_for_training(config, lambda settings: dcgan_mnist.build_training(
         settings, dcgan_mnist.PRESETS[settings.arch]))
     generator_before = [weight.numpy().copy() for weight in state["generator"].trainable_variables]
     images = np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
@@ -148,7 +148,7 @@ def test_without_ema_the_raw_generator_draws_and_is_scored_alone(tmp_path, mnist
 
 def test_adam_takes_both_betas_from_the_flags():
     config = config_for(dcgan_mnist, "--beta1", "0", "--beta2", "0.99")
-    optimizer = gan.make_optimizer(config, [tf.Variable(1.0)])
+    optimizer = models.make_optimizer(config, [tf.Variable(1.0)])
     assert (optimizer.beta_1, optimizer.beta_2) == (0.0, 0.99)
 
 

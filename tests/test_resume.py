@@ -15,11 +15,11 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-import errors
+from ganlab import errors
 import gan_mnist
-import run_directory
-import sample
-import train
+from ganlab.run import directory as run_directory
+from ganlab.sampling import sample
+from ganlab.run import loop
 from conftest import REPO
 
 QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]
@@ -205,7 +205,7 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(tmp_path, mnist_dir):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_dir, capsys):
-    class FaultAtTheFifthCall(train.Hooks):
+    class FaultAtTheFifthCall(loop.Hooks):
         def calls(self, train_steps):
             calls = []
 
@@ -213,7 +213,7 @@ def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, mnist_d
                 calls.append(1)
                 values = train_steps(indices).numpy()
                 if len(calls) == 5:  # The fifth call of one step: epoch 2, step 2.
-                    values[0, train.METRICS.index("g_loss")] = float("nan")
+                    values[0, loop.METRICS.index("g_loss")] = float("nan")
                 return tf.constant(values)
 
             return faulty

@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-import errors
+from ganlab import errors
 import gan_mnist
-import sample
-import train
-from run_directory import RunDirectory
+from ganlab.sampling import sample
+from ganlab.run import loop
+from ganlab.run.directory import RunDirectory
 from conftest import run_script
 
 QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]  # 3 steps an epoch.
@@ -150,7 +150,7 @@ def test_no_readable_checkpoint_is_one_line(tmp_path, mnist_dir, capsys):
 
 
 def test_resume_may_lower_the_learning_rate_and_records_it(tmp_path, mnist_dir, capsys):
-    class LearningRates(train.Hooks):
+    class LearningRates(loop.Hooks):
         def step(self, train_step, state, averaged):
             self.rates = [float(state[name].learning_rate.numpy()) for name in ("g_optimizer", "d_optimizer")]
             return train_step
@@ -172,7 +172,7 @@ def test_resume_may_lower_the_learning_rate_and_records_it(tmp_path, mnist_dir, 
 
 
 def test_the_divergence_message_gives_the_command_that_continues_with_a_lower_rate(tmp_path, mnist_dir, capsys):
-    class NanInEpochTwo(train.Hooks):
+    class NanInEpochTwo(loop.Hooks):
         def calls(self, train_steps):
             count = []
 

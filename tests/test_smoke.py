@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import dcgan_mnist
-import errors
+from ganlab import errors
 import gan_mnist
-import train
+from ganlab.run import loop
 
 RUN_FILES = ("config.json", "real_samples.png", "random_samples.png", "history.json", "losses.png",
              "progress.gif", "generator.keras", "metrics.json", "metrics.png")
@@ -29,7 +29,7 @@ def check_run(run_dir, epochs, steps_per_epoch, tile, images, grid=10, padding=2
     assert iio.imread(run_dir / "progress.gif", index=None).shape[:3] == (epochs, side, side)
 
     history = json.loads((run_dir / "history.json").read_text())
-    for key in train.METRICS:
+    for key in loop.METRICS:
         assert len(history["iterations"][key]) == epochs * steps_per_epoch
         assert all(np.isfinite(history["iterations"][key]))
     assert [e["epoch"] for e in history["epochs"]] == list(range(1, epochs + 1))
@@ -100,7 +100,7 @@ def test_the_step_is_traced_once_whatever_the_length_of_a_call(tmp_path, mnist_d
     """100 images in batches of 32: 3 steps per epoch, run 2 at a time, so calls of 2 and then 1 steps."""
     compiled = []
 
-    class RecordCalls(train.Hooks):
+    class RecordCalls(loop.Hooks):
         def calls(self, train_steps):
             compiled.append(train_steps)
             return train_steps

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import bench
+from ganlab import bench
 import dcgan_mnist
-import errors
+from ganlab import errors
 import gan_mnist
-import run_directory
-import sample
-import speed
-import train
+from ganlab.run import directory as run_directory
+from ganlab.sampling import sample
+from ganlab.devices import speed
+from ganlab.run import loop
 import utils
 from conftest import config_for
 
@@ -28,7 +28,7 @@ TINY = ["--limit", "128", "--batch-size", "32", "--eval-every", "0", "--epochs",
                                                         ("fp16", "float16", True)])
 def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, compute, scaled):
     config = config_for(gan_mnist, "--precision", precision)
-    train_step, state, _ = train.build_for_training(config, gan_mnist.build_training)
+    train_step, state, _ = loop.build_for_training(config, gan_mnist.build_training)
     generator, discriminator = state["generator"], state["discriminator"]
     assert generator.layers[0].compute_dtype == compute
     assert all(v.dtype == "float32" for v in generator.trainable_variables)  # Master weights stay float32.

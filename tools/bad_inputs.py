@@ -530,7 +530,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once (default: 2)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    import errors  # noqa: F401  (TensorFlow, quietly)
+    from ganlab import errors  # noqa: F401  (TensorFlow, quietly)
     import utils
 
     located = utils.locate_idx_dataset("mnist", "train")[0]

@@ -19,9 +19,7 @@ try:
 except ImportError:
     fcntl = None
 
-from errors import DataError, UsageError, flag
-
-REPO_DIR = Path(__file__).resolve().parent
+from ganlab.errors import REPO_DIR, DataError, UsageError, flag
 
 # Written into every run's config.json: how this project recognises a run of its own, so that
 # --resume and --overwrite never take another program's files for one.
@@ -177,7 +175,7 @@ class RunDirectory:
         if saved.get("script") != config.script:
             raise UsageError(f"argument --resume: {self.path} holds a {saved.get('script')} run, "
                              f"not a {config.script} run")
-        from configurator import saved_value_problem  # Here: configurator imports this module.
+        from ganlab.configurator import saved_value_problem  # Here: configurator imports this module.
         from utils import parse_classes
 
         differences = []

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-import evaluation
-import gan
-import sample
+from ganlab.sampling import evaluation
+from ganlab import models
+from ganlab.sampling import sample
 import utils
 
 METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # What each train step returns, per batch.
@@ -187,7 +187,7 @@ def grid_inputs(config, noise):
     classes = utils.parse_classes(config.classes, config.dataset)
     columns = noise[:config.sample_grid]
     rows = np.repeat(np.array(classes, np.int32), len(columns))
-    return np.tile(columns, (len(classes), 1)), gan.one_hot(rows, config), len(columns)
+    return np.tile(columns, (len(classes), 1)), models.one_hot(rows, config), len(columns)
 
 
 def outputs_behind(run, epochs_done):

@@ -20,10 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import distribute
-import speed
-import train
-from errors import UsageError
+from ganlab.devices import distribute
+from ganlab.devices import speed
+from ganlab.run import loop
+from ganlab.errors import UsageError
 
 
 def add_flags(parser):
@@ -148,8 +148,8 @@ def time_training(config, data, build, min_seconds=6.0, min_steps=2, strategy=No
     """
     _reset_peak_memory()
     images, labels = data
-    train_step, state, _ = train.build_for_training(config, build, strategy)
-    train_steps = train.compile_steps(train_step, images, labels, config, strategy)
+    train_step, state, _ = loop.build_for_training(config, build, strategy)
+    train_steps = loop.compile_steps(train_step, images, labels, config, strategy)
     rng = np.random.default_rng(0)
     calls = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
              for _ in range(4)]

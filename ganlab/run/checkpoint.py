@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from errors import DataError
+from ganlab.errors import DataError
 
 
 class Checkpoint:

@@ -21,15 +21,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import distribute
-import gan
-import run_directory
-import sample
-import speed
+from ganlab.devices import distribute
+from ganlab import models
+from ganlab.run import directory as run_directory
+from ganlab.sampling import sample
+from ganlab.devices import speed
 import utils
-from checkpoint import Checkpoint
-from errors import TrainingStopped, UsageError, is_out_of_space, model_sizes, out_of_memory
-from outputs import METRICS, EpochOutputs, outputs_behind
+from ganlab.run.checkpoint import Checkpoint
+from ganlab.errors import TrainingStopped, UsageError, is_out_of_space, model_sizes, out_of_memory
+from ganlab.run.outputs import METRICS, EpochOutputs, outputs_behind
 
 CHECKPOINT_MINUTES = 10.0  # Besides each epoch's end: a crash loses minutes of training, not an epoch.
 
@@ -202,8 +202,8 @@ def _build_for_training(config, build):
     generator = state["generator"]
     # A fixed batch of noise (and balanced labels) for the batch-norm statistics of the average.
     refresh_noise = np.random.default_rng(config.seed + 3).standard_normal((2000, config.latent_dim)).astype(np.float32)
-    refresh_labels = gan.one_hot(gan.balanced_labels(len(refresh_noise), config), config)
-    averaged = gan.AveragedGenerator(generator, config.ema,
+    refresh_labels = models.one_hot(models.balanced_labels(len(refresh_noise), config), config)
+    averaged = models.AveragedGenerator(generator, config.ema,
                                      [refresh_noise, refresh_labels] if len(generator.inputs) == 2 else refresh_noise)
 
     def step_and_average(real_images, real_labels):

@@ -4,7 +4,7 @@ Every upper-case constant of plain type in a script's hyperparameter block is a 
 same name (`BATCH_SIZE` is `--batch-size`), its value the default and its comment the help
 (karpathy/nanoGPT's configurator, with types and checks). The other flags come in groups, each
 defined beside the code that uses it: data (utils.py), the run directory (run_directory.py),
-training (train.py), sampling and scoring (sample.py), speed (speed.py), devices (distribute.py)
+training (loop.py), sampling and scoring (sample.py), speed (speed.py), devices (distribute.py)
 and the benchmark (bench.py); each group also checks its own flags. A bad flag or value is one `UsageError` naming
 the flag.
 """
@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import bench
-import distribute
-import run_directory
-import sample
-import speed
-import train
+from ganlab import bench
+from ganlab.devices import distribute
+from ganlab.run import directory as run_directory
+from ganlab.sampling import sample
+from ganlab.devices import speed
+from ganlab.run import loop
 import utils
-from errors import UsageError, flag
+from ganlab.errors import UsageError, flag
 
 # A constant in a script's block: NAME = value  # comment (the comment becomes the flag's help).
 _CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
@@ -100,7 +100,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     names = _add_hyperparameters(parser, script_path, namespace, presets, preset_key, auto_preset)
     utils.add_flags(parser)
     run_directory.add_flags(parser, script_name)
-    train.add_flags(parser)
+    loop.add_flags(parser)
     sample.add_flags(parser)
     speed.add_flags(parser)
     distribute.add_flags(parser)
@@ -118,7 +118,7 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
             if key in names and getattr(config, key) is None:
                 setattr(config, key, value)
     _check_hyperparameters(config)
-    for group in (utils, run_directory, train, sample, speed, distribute, bench):
+    for group in (utils, run_directory, loop, sample, speed, distribute, bench):
         group.check_flags(config)
     return config
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-import downloads
-from errors import DataError
+from ganlab.datasets import downloads
+from ganlab.errors import DataError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}

@@ -4,9 +4,9 @@ Every user-facing failure raises `UsageError` (a bad flag: exit status 2), `Data
 or directory: exit status 1) or `TrainingStopped` (a signal or a diverged loss); `run_main` turns
 each into one line on stderr, never a traceback.
 
-Imported first by each script: it also loads TensorFlow with its C++ start-up chatter muted, which
-would otherwise bury a one-line error or the progress line. What that chatter would have said about
-GPUs that TensorFlow cannot use is not lost: `unusable_gpus` says it in one line, first of all.
+TensorFlow's C++ start-up chatter is muted when the package loads it (ganlab/__init__.py); what
+that chatter would have said about GPUs that TensorFlow cannot use is not lost: `unusable_gpus`
+says it in one line, first of all.
 """
 
 import contextlib
@@ -19,32 +19,9 @@ import sys
 import threading
 from pathlib import Path
 
+import tensorflow
 
-def _import_tensorflow_quietly():
-    """Import TensorFlow and Keras with their C++ start-up chatter (CUDA probing, CPU notes) muted.
-
-    Those lines are written to file descriptor 2 before any logging setting applies. Python errors
-    still surface: they are raised after stderr is restored. Training prints the devices in use,
-    so a missing GPU is still reported.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import keras  # noqa: F401
-        import tensorflow
-
-        tensorflow.config.list_physical_devices("GPU")  # Probes CUDA now, while muted.
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-_import_tensorflow_quietly()
-
-import tensorflow  # noqa: E402  (loaded above, quietly)
+REPO_DIR = Path(__file__).resolve().parent.parent  # The checkout: the scripts, requirements.txt, results/.
 
 
 class UsageError(ValueError):
@@ -141,7 +118,7 @@ def unusable_gpus():
     if not gpus:
         return None
     try:
-        wanted = next(line.split("#")[0].strip() for line in (Path(__file__).parent / "requirements.txt")
+        wanted = next(line.split("#")[0].strip() for line in (REPO_DIR / "requirements.txt")
                       .read_text().splitlines() if re.match(r"tensorflow\s*[<>=]", line))
         fix = f'pip install "{wanted.replace("tensorflow", "tensorflow[and-cuda]", 1).replace(" ", "")}"'
     except (OSError, StopIteration):

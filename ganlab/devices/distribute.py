@@ -30,8 +30,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from errors import DataError, UsageError
-from run_directory import RunDirectory
+from ganlab.errors import DataError, UsageError
+from ganlab.run.directory import RunDirectory
 
 
 PEER_TIMEOUT = 10.0  # Minutes a worker waits for its cluster: a peer that never starts must not hang it for ever.

@@ -10,8 +10,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-import distribute
-from errors import UsageError
+from ganlab.devices import distribute
+from ganlab.errors import UsageError
 
 PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 

@@ -15,10 +15,10 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-from errors import DataError
+from ganlab.errors import REPO_DIR, DataError
 
 # Where a dataset is downloaded to when no directory is given: data/<dataset>/ in the repository.
-DATA_ROOT = Path(__file__).resolve().parent / "data"
+DATA_ROOT = REPO_DIR / "data"
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
