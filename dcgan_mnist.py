@@ -16,11 +16,10 @@ with which it learned faster. Samples come from an exponential moving average of
 
 from ganlab import keras, tf  # TensorFlow and Keras, loaded with their start-up chatter muted
 from ganlab import bench, configurator, errors
-from ganlab.devices import distribute, speed
+from ganlab.devices import distribute
 from ganlab.models import (GlobalBatchNormalization, assemble, cross_entropy, d_scores, global_mean, label_helpers,
                            logits_and_r1_penalty, make_optimizer)
 from ganlab.run import loop
-from ganlab.run.directory import RunDirectory
 from ganlab.sampling import sample
 import utils
 
@@ -104,19 +103,19 @@ def batch_norm(config):
                          gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02))
 
 
-def build_generator(config, preset):
+def build_generator(config):
     """G: z -> dense projection to g_start -> transposed convolutions, each doubling the side -> tanh.
 
     With --conditional, G(z, y): the one-hot label y is concatenated to z.
     """
-    height, width, channels = preset["g_start"]
+    height, width, channels = config.g_start
     layers = [                                                                     # (N, z), or (N, z + 10) with y
         keras.layers.Dense(height * width * channels, use_bias=False, kernel_initializer=weights()),
         batch_norm(config),
         keras.layers.ReLU(),
         keras.layers.Reshape((height, width, channels)),                           # (N, h, w, c)
     ]
-    for channels in preset["g_channels"]:
+    for channels in config.g_channels:
         # (N, h, w, c) -> (N, 2h, 2w, channels)
         layers += [keras.layers.Conv2DTranspose(channels, config.kernel_size, strides=2, padding="same",
                                                 use_bias=False, kernel_initializer=weights()),
@@ -130,14 +129,13 @@ def build_generator(config, preset):
     return assemble(layers, (config.latent_dim,), config, "generator")
 
 
-def build_discriminator(config, preset):
+def build_discriminator(config):
     """D: image -> strided convolutions, each halving the side -> dense -> 1 logit.
 
     With --conditional, D(x, y): the one-hot label y joins the image as 10 constant channels.
     """
-    size = preset["image_size"]
     layers = []                                                          # (N, S, S, C), or (N, S, S, C + 10)
-    for index, channels in enumerate(preset["d_channels"]):
+    for index, channels in enumerate(config.d_channels):
         # (N, s, s, c) -> (N, s/2, s/2, channels); no batch norm on the input layer.
         layers.append(keras.layers.Conv2D(channels, config.kernel_size, strides=2, padding="same",
                                           use_bias=index == 0, kernel_initializer=weights()))
@@ -148,7 +146,8 @@ def build_discriminator(config, preset):
         keras.layers.Flatten(),
         keras.layers.Dense(1, kernel_initializer=weights(), dtype="float32"),      # (N, 1) logit, float32
     ]
-    return assemble(layers, (size, size, utils.DATASETS[config.dataset].shape[-1]), config, "discriminator")
+    shape = (config.image_size, config.image_size, utils.DATASETS[config.dataset].shape[-1])
+    return assemble(layers, shape, config, "discriminator")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,14 +172,14 @@ def generator_loss(config, fake_logits):
     return cross_entropy(fake_logits, 1.0)
 
 
-def build_training(config, preset):
-    """The two models, their optimizers and one training step: (train_step, state).
+def build_training(config):
+    """The two models, their optimizers and one training step: (train_step, parts).
 
-    loop.py calls it under the chosen precision policy and runs `train_step` inside its compiled
-    loop; `state` is what a checkpoint holds.
+    ganlab/run/loop.py calls it under the chosen precision policy and runs `train_step` inside its
+    compiled loop; `parts` (the models, optimizers and noise generator) is what a checkpoint holds.
     """
-    generator = build_generator(config, preset)
-    discriminator = build_discriminator(config, preset)
+    generator = build_generator(config)
+    discriminator = build_discriminator(config)
     g_optimizer = make_optimizer(config, generator.trainable_variables)
     d_optimizer = make_optimizer(config, discriminator.trainable_variables)
     noise_rng = tf.random.Generator.from_seed(config.seed)
@@ -215,34 +214,27 @@ def build_training(config, preset):
 
         return {"d_loss": d_loss, "g_loss": g_loss, **d_scores(real_logits, fake_logits)}
 
-    state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
+    parts = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)
-    return train_step, state
+    return train_step, parts
 
 
 def main(argv=None, hooks=None):
     """Train (or, with --generate, --interpolate, --evaluate or --benchmark, use) a DCGAN; see --help."""
-    config = configurator.parse_config(__file__, globals(), argv, description=__doc__, presets=PRESETS,
-                                       auto_preset=default_arch)
-    run = RunDirectory(config.out)
-    if sample.generate_or_evaluate(config, run):  # --generate N, --interpolate or --evaluate on a trained run.
-        return
-    # One device, every GPU or every machine (--distribute); checks the run directory (see run.prepare).
-    strategy, run = distribute.prepare(config, run)
-    preset = PRESETS[config.arch]
-    # Steps of ~0.2 s on the CPU: no Python overhead to hide, so one step per call there.
-    speed.resolve(config, default_steps_per_call=1, bf16_on_cpu=preset.get("bf16_on_cpu", True))
+    # The settings, resolved once: flags, preset, a resumed run's, devices and precision; and the strategy
+    # (one device, every GPU or every machine: --distribute). Steps of ~0.2 s on the CPU: no Python
+    # overhead to hide, so one step per call there.
+    config, run, strategy = configurator.resolve(__file__, globals(), argv, description=__doc__, presets=PRESETS,
+                                                 auto_preset=default_arch, default_steps_per_call=1)
+    if strategy is None:  # --generate N, --interpolate or --evaluate on a trained run.
+        return sample.generate_or_evaluate(config, run)
     distribute.print_devices(config)
-    transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], preset["image_size"])
-    data = utils.load_training_images(config, preset["image_size"], transform)  # uint8 (N, S, S, C), labels
-
-    def build(settings):
-        return build_training(settings, preset)
-
+    transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], config.image_size)
+    data = utils.load_training_images(config, config.image_size, transform)  # uint8 (N, S, S, C), labels
     if config.benchmark:
-        bench.benchmark(config, data, build, strategy=strategy)
+        bench.benchmark(config, data, build_training, strategy=strategy)
     else:
-        loop.train(config, run, data, build, transform, hooks, strategy)
+        loop.train(config, run, data, build_training, transform, hooks, strategy)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ import numpy as np
 
 from ganlab import keras, tf  # TensorFlow and Keras, loaded with their start-up chatter muted
 from ganlab import bench, configurator, errors
-from ganlab.devices import distribute, speed
+from ganlab.devices import distribute
 from ganlab.models import (assemble, cross_entropy, d_scores, global_mean, label_helpers, logits_and_r1_penalty,
                            make_optimizer)
 from ganlab.run import loop
-from ganlab.run.directory import RunDirectory
 from ganlab.sampling import sample
 import utils
 
@@ -116,10 +115,10 @@ def generator_loss(config, fake_logits):
 
 
 def build_training(config):
-    """The two models, their optimizers and one training step: (train_step, state).
+    """The two models, their optimizers and one training step: (train_step, parts).
 
-    loop.py calls it under the chosen precision policy and runs `train_step` inside its compiled
-    loop; `state` is what a checkpoint holds.
+    ganlab/run/loop.py calls it under the chosen precision policy and runs `train_step` inside its
+    compiled loop; `parts` (the models, optimizers and noise generator) is what a checkpoint holds.
     """
     generator = build_generator(config)
     discriminator = build_discriminator(config)
@@ -158,20 +157,19 @@ def build_training(config):
 
         return {"d_loss": d_loss, "g_loss": g_loss, **d_scores(real_logits, fake_logits)}
 
-    state = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
+    parts = dict(generator=generator, discriminator=discriminator, g_optimizer=g_optimizer,
                  d_optimizer=d_optimizer, noise_rng=noise_rng)
-    return train_step, state
+    return train_step, parts
 
 
 def main(argv=None, hooks=None):
     """Train (or, with --generate, --interpolate, --evaluate or --benchmark, use) the GAN; see --help."""
-    config = configurator.parse_config(__file__, globals(), argv, description=__doc__)
-    run = RunDirectory(config.out)
-    if sample.generate_or_evaluate(config, run):  # --generate N, --interpolate or --evaluate on a trained run.
-        return
-    # One device, every GPU or every machine (--distribute); checks the run directory (see run.prepare).
-    strategy, run = distribute.prepare(config, run)
-    speed.resolve(config, default_steps_per_call=10)  # Steps of ~10 ms: Python overhead shows.
+    # The settings, resolved once: flags, a resumed run's, devices and precision; and the strategy (one
+    # device, every GPU or every machine: --distribute). Steps of ~10 ms: Python overhead shows, so 10 per call.
+    config, run, strategy = configurator.resolve(__file__, globals(), argv, description=__doc__,
+                                                 default_steps_per_call=10)
+    if strategy is None:  # --generate N, --interpolate or --evaluate on a trained run.
+        return sample.generate_or_evaluate(config, run)
     distribute.print_devices(config)
     data = utils.load_training_images(config)  # uint8 images (60000, 28, 28, 1) and labels for MNIST
     if config.benchmark:

@@ -44,7 +44,7 @@ def add_flags(parser):
 
 def check_flags(config):
     """--classes names classes of --dataset: refused now, before any data is read."""
-    if hasattr(config, "classes") and config.dataset in DATASETS:
+    if config.dataset in DATASETS:
         parse_classes(config.classes, config.dataset)
 
 

@@ -10,11 +10,11 @@ same precision measured in the same run, the fraction of it reached, and peak me
 """
 
 import contextlib
+import dataclasses
 import os
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -38,18 +38,26 @@ def add_flags(parser):
 
 
 def check_flags(config):
-    """--batch-sizes needs --benchmark, and becomes a list of positive integers."""
+    """--batch-sizes needs --benchmark, and lists positive integers."""
     if config.batch_sizes is None:
         return
     if not config.benchmark:
         raise UsageError("argument --batch-sizes: only used with --benchmark")
+    batch_sizes(config.batch_sizes)
+
+
+def batch_sizes(text):
+    """--batch-sizes as a tuple of positive integers (None without it); UsageError naming the flag."""
+    if text is None:
+        return None
     try:
-        config.batch_sizes = [int(size) for size in config.batch_sizes.split(",")]
-        if min(config.batch_sizes) < 1:
+        sizes = tuple(int(size) for size in text.split(","))
+        if min(sizes) < 1:
             raise ValueError
     except ValueError:
         raise UsageError(f"argument --batch-sizes: expected positive integers separated by commas, "
-                         f"got {config.batch_sizes!r}") from None
+                         f"got {text!r}") from None
+    return sizes
 
 
 def forward_flops(model):
@@ -140,7 +148,7 @@ def _peak_memory_mb():
     return host, device
 
 
-def time_training(config, data, build, min_seconds=6.0, min_steps=2, strategy=None):
+def time_training(config, data, build_training, min_seconds=6.0, min_steps=2, strategy=None):
     """Steady-state seconds per step (and peak memory) of the training step under `config`'s settings.
 
     The result also holds "window": a function that times one more window and returns its seconds
@@ -148,8 +156,8 @@ def time_training(config, data, build, min_seconds=6.0, min_steps=2, strategy=No
     """
     _reset_peak_memory()
     images, labels = data
-    train_step, state, _ = loop.build_for_training(config, build, strategy)
-    train_steps = loop.compile_steps(train_step, images, labels, config, strategy)
+    state = loop.make_state(config, build_training, strategy)
+    train_steps = loop.compile_steps(state, images, labels, config, strategy)
     rng = np.random.default_rng(0)
     calls = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
              for _ in range(4)]
@@ -165,13 +173,13 @@ def time_training(config, data, build, min_seconds=6.0, min_steps=2, strategy=No
 
     # Three timing windows; the fastest is the steady state (the others caught the machine busy).
     seconds = min(window() for _ in range(3))
-    flops = training_flops(forward_flops(state["generator"]), forward_flops(state["discriminator"]),
-                           r1=config.r1 > 0, g_steps=getattr(config, "g_steps", 1))
+    flops = training_flops(forward_flops(state.generator), forward_flops(state.discriminator),
+                           r1=config.r1 > 0, g_steps=config.g_steps)
     host, device = _peak_memory_mb()
     return {"seconds": seconds, "flops": flops, "host_mb": host, "device_mb": device, "window": window}
 
 
-def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=None):
+def benchmark(config, data, build_training, min_seconds=6.0, alternations=3, strategy=None):
     """Time training steps at steady state and print them against the matmul peak and a plain fp32 step.
 
     Rows: a plain fp32 step (one step per call, no XLA), the chosen settings, and the chosen
@@ -182,16 +190,15 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
     images, labels = data
     devices = [d.name for d in distribute.gpus()] or ["CPU"]
     print(f"Benchmark of {config.script}"
-          + (f" --arch {config.arch}" if hasattr(config, "arch") else "")
+          + (f" --arch {config.arch}" if config.arch else "")
           + f" on {', '.join(devices)} ({os.cpu_count()} CPU cores), TensorFlow {tf.__version__}; "
             f"real {config.dataset} batches from {len(images)} images")
     data = (tf.constant(images), tf.constant(labels))
-    plain = SimpleNamespace(**{**vars(config), "precision": "fp32", "xla": False, "steps_per_call": 1})
+    plain = dataclasses.replace(config, precision="fp32", xla=False, steps_per_call=1)
     settings = [("plain fp32 step", plain, strategy), ("chosen settings", config, strategy)]
     for batch_size in config.batch_sizes or []:
-        settings.append((f"chosen, batch {batch_size}", SimpleNamespace(**{**vars(config), "batch_size": batch_size}),
-                         strategy))
-    replicas = getattr(config, "replicas", 1)
+        settings.append((f"chosen, batch {batch_size}", dataclasses.replace(config, batch_size=batch_size), strategy))
+    replicas = config.replicas
     if replicas > 1:
         settings.append(("chosen, one device", config, None))
     peaks = {}
@@ -200,7 +207,7 @@ def benchmark(config, data, build, min_seconds=6.0, alternations=3, strategy=Non
         if setting.batch_size > len(images):
             print(f"  (skipping batch {setting.batch_size}: larger than the {len(images)} images)")
             continue
-        result = time_training(setting, data, build, min_seconds, strategy=on)
+        result = time_training(setting, data, build_training, min_seconds, strategy=on)
         if setting.precision not in peaks:
             speed.set_precision(setting.precision)  # TF32 as the row trained with it (off for fp32).
             peaks[setting.precision] = (speed.compute_type(setting.precision), matmul_peak(setting.precision))

@@ -1,20 +1,25 @@
-"""The command line: the constants at the top of a script become its flags, checked before anything is built.
+"""The settings of a run: the script's constants and the command line, resolved once, then frozen.
 
 Every upper-case constant of plain type in a script's hyperparameter block is a flag under the
 same name (`BATCH_SIZE` is `--batch-size`), its value the default and its comment the help
 (karpathy/nanoGPT's configurator, with types and checks). The other flags come in groups, each
-defined beside the code that uses it: data (utils.py), the run directory (run_directory.py),
-training (loop.py), sampling and scoring (sample.py), speed (speed.py), devices (distribute.py)
-and the benchmark (bench.py); each group also checks its own flags. A bad flag or value is one `UsageError` naming
-the flag.
+defined and checked beside the code that uses it: data (utils.py), the run directory, training,
+sampling and scoring, speed, devices and the benchmark. A bad flag or value is one `UsageError`
+naming the flag, before anything is built.
+
+`resolve` is the one place the settings are made, in this order: the flags, then the preset
+(`--arch`, whose architecture joins the settings), then a resumed run's saved settings, then the
+devices and the precision, then the strategy. Then they are frozen (a frozen dataclass): every
+module reads them, none writes them, and every field is always there.
 """
 
 import argparse
+import dataclasses
+import json
 import math
 import re
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 from ganlab import bench
 from ganlab.devices import distribute
@@ -23,7 +28,8 @@ from ganlab.sampling import sample
 from ganlab.devices import speed
 from ganlab.run import loop
 import utils
-from ganlab.errors import UsageError, flag
+from ganlab.errors import DataError, UsageError, flag
+from ganlab.run.directory import RunDirectory
 
 # A constant in a script's block: NAME = value  # comment (the comment becomes the flag's help).
 _CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
@@ -82,22 +88,85 @@ def _parse_value(kind):
     return parse
 
 
-def parse_config(script_path, namespace, argv=None, description=None, presets=None, preset_key="arch",
-                 auto_preset=None):
-    """Build the run's configuration from a script's constants and the command line.
+# What --resume may change: the length of the run and how often it is scored; --lr only downwards,
+# to continue after a divergence. Anything else would make the resumed run a different experiment.
+RESUMABLE_CHANGES = ("epochs", "eval_every")
 
-    A constant set to None takes its value from the chosen preset (`presets[config[preset_key]]`),
-    so each preset carries its own defaults; a preset of 'auto' is chosen by `auto_preset(config)`.
-    Returns a SimpleNamespace with lower-case names, `hyperparameters` (the constants' names) and
-    `explicit` (those given on the command line). An unknown flag, a wrong type or a bad value
-    raises UsageError naming the flag, before any model is built.
+# Fields that every script's settings hold, with these values unless its constants or preset set them.
+COMMON = dict(arch=None,  # no presets: the script has one architecture
+              g_steps=1,  # one G update per D update
+              bf16_on_cpu=True)  # --precision auto may pick bf16 on a CPU that computes it natively
+
+# The fields that the later steps of `resolve` decide, as they stand before them: a fresh run on one device.
+UNRESOLVED = dict(restart=False,  # a --resume of a run killed before its first checkpoint starts afresh
+                  lr_change=None,  # (saved, new) when --resume lowers --lr
+                  replicas=1, chief=True,  # the strategy's replica count; whether this process writes the run
+                  task=None)  # "worker 1" and the like, in a cluster
+
+
+def resolve(script_path, namespace, argv=None, description=None, presets=None, auto_preset=None,
+            default_steps_per_call=1):
+    """The run's settings, resolved once in this order and then frozen: the flags, the preset, a resumed
+    run's saved settings, the devices and precision, the strategy.
+
+    Returns (settings, run, strategy): `run` the RunDirectory this process trains into (checked,
+    nothing written), `strategy` the tf.distribute strategy. With --generate, --interpolate or
+    --evaluate, which serve a trained run, only the flags and the preset are resolved and the
+    strategy is None. `default_steps_per_call` is the script's choice for --steps-per-call 0 on the CPU.
+    """
+    values = parse(script_path, namespace, argv, description, presets, auto_preset)
+    run = RunDirectory(values["out"])
+    if values["generate"] or values["interpolate"] or values["evaluate"]:
+        return freeze(values), run, None
+    values["distribute"] = distribute.choose(values["distribute"])
+    values["chief"], values["task"] = distribute.place(values["distribute"])
+    if values["chief"] and not values["benchmark"]:
+        run.check_start(values["resume"], values["overwrite"])
+    saved = run.read_config() if values["resume"] and not values["benchmark"] else {}
+    if saved:
+        values |= saved_settings(run, saved, values)
+    settings = freeze(with_devices(values, saved.get("precision", "fp32"), default_steps_per_call))
+    strategy = distribute.create(settings)
+    return settings, run if settings.chief else distribute.worker_directory(settings.task, run), strategy
+
+
+def with_devices(values, saved_precision="fp32", default_steps_per_call=1):
+    """`values` with the devices taken and the replica count, precision, XLA and steps per call resolved
+    (`speed.choose`; on --resume the checkpoint's `saved_precision` counts); a worker that is not the
+    chief leaves the evaluation to it. UsageError for a batch smaller than the replica count."""
+    values = dict(values, distribute=distribute.choose(values["distribute"]))
+    values["replicas"] = distribute.take_devices(values["distribute"], values["cpu_devices"])
+    values |= speed.choose(values, saved_precision, default_steps_per_call)
+    if not values["chief"]:
+        values["eval_every"] = 0  # The chief scores the run.
+    if values["batch_size"] < values["replicas"]:
+        raise UsageError(f"argument --batch-size: {values['batch_size']} is smaller than the {values['replicas']} "
+                         f"replicas of --distribute {values['distribute']}, each of which needs an image")
+    return values
+
+
+def freeze(values):
+    """`values` (a dict of every field) as the frozen settings: a dataclass whose fields cannot be set."""
+    Settings = dataclasses.make_dataclass("Settings", list(values), frozen=True)
+    return Settings(**values)
+
+
+def parse(script_path, namespace, argv=None, description=None, presets=None, auto_preset=None):
+    """The settings as the flags and the preset give them, checked: a dict of every field.
+
+    A constant set to None takes its value from the chosen preset (`presets[arch]`), so each preset
+    carries its own defaults; `--arch auto` is chosen by `auto_preset(values)`; the preset's other
+    keys (its architecture) join the settings. Besides the hyperparameters (lower-case names) and
+    the other flags, the dict holds `script`, `hyperparameters` (the constants' names), `explicit`
+    (those given on the command line), COMMON and UNRESOLVED. An unknown flag, a wrong type or a
+    bad value raises UsageError naming the flag, before any model is built.
     """
     presets = presets or {}
     script_name = Path(script_path).stem
     parser = _OneLineParser(prog=Path(script_path).name, description=description,
                             allow_abbrev=False,  # A flag is its full name, so --resume can tell which were given.
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = _add_hyperparameters(parser, script_path, namespace, presets, preset_key, auto_preset)
+    names = _add_hyperparameters(parser, script_path, namespace, presets, auto_preset)
     utils.add_flags(parser)
     run_directory.add_flags(parser, script_name)
     loop.add_flags(parser)
@@ -107,23 +176,77 @@ def parse_config(script_path, namespace, argv=None, description=None, presets=No
     bench.add_flags(parser)
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = SimpleNamespace(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
-    config.explicit = {key for key in names if flag(key) in given or flag(key).replace("--", "--no-") in given}
-    config.script, config.hyperparameters = script_name, names
-    if presets and auto_preset and getattr(config, preset_key) == "auto":
-        setattr(config, preset_key, auto_preset(config))
-    if presets:  # Fill the preset's defaults for the constants left as None.
-        for key, value in presets[getattr(config, preset_key)].items():
-            if key in names and getattr(config, key) is None:
-                setattr(config, key, value)
-    _check_hyperparameters(config)
+    values |= dict(script=script_name, hyperparameters=tuple(names),
+                   explicit=frozenset(key for key in names if flag(key) in given
+                                      or flag(key).replace("--", "--no-") in given))
+    if presets:
+        if auto_preset and values["arch"] == "auto":
+            values["arch"] = auto_preset(freeze(values))
+        preset = presets[values["arch"]]
+        values |= {key: value for key, value in preset.items() if key not in names or values[key] is None}
+    values = COMMON | values | UNRESOLVED
+    _check_hyperparameters(values)
+    checked = freeze(values)  # Checks only check.
     for group in (utils, run_directory, loop, sample, speed, distribute, bench):
-        group.check_flags(config)
-    return config
+        group.check_flags(checked)
+    values["out"] = run_directory.default_out(values["out"], script_name)
+    values["batch_sizes"] = bench.batch_sizes(values["batch_sizes"])
+    return values
 
 
-def _add_hyperparameters(parser, script_path, namespace, presets, preset_key, auto_preset):
+def saved_settings(run, saved, values):
+    """--resume: what the run's saved settings (`saved`, its config.json) change in `values`.
+
+    Every hyperparameter not given on the command line takes the run's saved value; one given with
+    another value is refused (except RESUMABLE_CHANGES and a lower --lr), naming each difference; a
+    hand-edited value that its flag would refuse is refused too. A run that has trained but lost
+    its checkpoints is refused (its outputs are kept); one killed before its first checkpoint
+    starts again from scratch with its saved settings.
+    """
+    if saved.get("script") != values["script"]:
+        raise UsageError(f"argument --resume: {run.path} holds a {saved.get('script')} run, "
+                         f"not a {values['script']} run")
+    changes, differences = {}, []
+    for key in values["hyperparameters"]:
+        if key not in saved:
+            continue
+        problem = saved_value_problem(key, saved[key], values[key])
+        if problem and not (key in values["explicit"] and key in RESUMABLE_CHANGES):  # Hand-edited: refused as
+            raise DataError(f"{run.config}: \"{key}\" is {json.dumps(saved[key])}: {problem} "  # its flag
+                            f"(as {flag(key)}); correct it, or start a new run with --out")  # would be.
+        if key in values["explicit"] and values[key] != saved[key]:
+            if key == "lr" and values[key] < saved[key]:
+                changes["lr_change"] = (saved[key], values["lr"])
+            elif key not in RESUMABLE_CHANGES:
+                differences.append(f"{flag(key)} {values[key]} (the run has {saved[key]})")
+        else:
+            changes[key] = saved[key]
+    if "classes" in saved:
+        try:
+            utils.parse_classes(saved["classes"], changes.get("dataset", values["dataset"]))
+        except UsageError as error:
+            raise DataError(f"{run.config}: \"classes\" is {json.dumps(saved['classes'])}: "
+                            f"{str(error).split(': ', 1)[-1]}; correct it, or start a new run with --out") from None
+    changes["deterministic"] = values["deterministic"] or bool(saved.get("deterministic"))  # A repeatable run stays so.
+    if differences:
+        raise UsageError(f"argument --resume: {run.path} was trained with other settings: "
+                         f"{'; '.join(differences)} (only --epochs, --eval-every and a lower --lr may change). "
+                         f"Start a new run with --out, or --overwrite")
+    if not run.checkpoint_prefixes():
+        trained = run.trained_outputs()
+        if trained:  # Its checkpoints were deleted (to save space, say): starting over would wipe its outputs.
+            raise UsageError(f"argument --resume: {run.path} has trained ({', '.join(trained[:3])}"
+                             f"{', ...' if len(trained) > 3 else ''}) but holds no checkpoint to go on from; "
+                             f"its outputs are kept (nothing was touched): --overwrite starts it again")
+        print(f"{run.checkpoints}: no checkpoint yet (the run stopped before its first); "
+              f"starting it from scratch with its saved settings")
+        changes |= dict(resume=False, restart=True)
+    return changes
+
+
+def _add_hyperparameters(parser, script_path, namespace, presets, auto_preset):
     """One flag per constant of the script, in its order; returns their lower-case names."""
     hyper = parser.add_argument_group("hyperparameters (defaults from the constants at the top of the script)")
     names = []
@@ -136,7 +259,7 @@ def _add_hyperparameters(parser, script_path, namespace, presets, preset_key, au
                 raise TypeError(f"{name} is None but no preset gives {key!r}")
             kind = type(next(iter(preset_values.values())))
             shown = ", ".join(f"{p}: {v}" for p, v in preset_values.items())
-            help_text = f"{comment} (default: from --{preset_key}; {shown})"
+            help_text = f"{comment} (default: from --arch; {shown})"
         else:
             kind = type(default)
             help_text = f"{comment} (default: {default!r})" if default == "" else f"{comment} (default: {default})"
@@ -145,7 +268,7 @@ def _add_hyperparameters(parser, script_path, namespace, presets, preset_key, au
             hyper.add_argument(flag(name), dest=key, default=default, help=help_text,
                                action=argparse.BooleanOptionalAction)
         else:
-            choices = list(presets) + (["auto"] if auto_preset else []) if key == preset_key and presets else None
+            choices = list(presets) + (["auto"] if auto_preset else []) if key == "arch" and presets else None
             hyper.add_argument(flag(name), dest=key, default=default, help=help_text, metavar=kind.__name__.upper(),
                                type=_parse_value(kind), choices=choices)
     return names
@@ -164,14 +287,14 @@ def saved_value_problem(key, value, like):
     return None
 
 
-def _check_hyperparameters(config):
+def _check_hyperparameters(values):
     """Each hyperparameter's own range, and the one rule between two of them (a batch within --limit)."""
-    for key in config.hyperparameters:
-        value = getattr(config, key)
+    for key in values["hyperparameters"]:
+        value = values[key]
         if key in _CHECKS and not isinstance(value, bool):
             check, requirement = _CHECKS[key]
             if not check(value):
                 raise UsageError(f"argument {flag(key)}: {requirement}, got {value}")
-    if config.limit and config.batch_size > config.limit:
-        raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the "
-                         f"{config.limit} training images of --limit {config.limit}")
+    if values["limit"] and values["batch_size"] > values["limit"]:
+        raise UsageError(f"argument --batch-size: {values['batch_size']} is larger than the "
+                         f"{values['limit']} training images of --limit {values['limit']}")

@@ -72,7 +72,7 @@ def out_of_memory(doing, sizes):
 def model_sizes(config):
     """The flags that set the models' and the batch's memory, as `--flag value, ...`."""
     return ", ".join(f"{flag(key)} {getattr(config, key)}"
-                     for key in ("batch_size", "latent_dim", "kernel_size") if hasattr(config, key))
+                     for key in ("batch_size", "latent_dim", "kernel_size") if key in config.hyperparameters)
 
 
 def nvidia_gpus():

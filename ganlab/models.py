@@ -41,7 +41,7 @@ def assemble(layers, input_shape, config, name, flatten=False):
     """
     inputs = keras.Input(input_shape)
     x = keras.layers.Flatten()(inputs) if flatten else inputs
-    if getattr(config, "conditional", False):
+    if config.conditional:
         label = keras.Input((class_count(config),))
         if len(x.shape) == 2:
             x = keras.layers.Concatenate()([x, label])                              # (N, features + classes)
@@ -59,7 +59,7 @@ def label_helpers(config, rng):
     """For a train step: `random_labels(n)`, uniform over the classes in play (every one of them,
     the last included), and `conditioned(x, labels)`, the input a model takes ([x, one-hot labels]
     when conditional). Unconditional: no labels are drawn and `conditioned` passes x through."""
-    conditional = getattr(config, "conditional", False)
+    conditional = config.conditional
     classes = tf.constant(utils.parse_classes(config.classes, config.dataset), tf.int32)
     count = class_count(config)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # The project's modules, from the repository root.
 
-from ganlab import errors  # noqa: E402  (first: it loads TensorFlow quietly)
+from ganlab import errors  # noqa: E402  (after sys.path: the project's package)
 from ganlab.run import loop  # noqa: E402
 from ganlab.models import AveragedGenerator  # noqa: E402
 
@@ -34,11 +34,12 @@ class ExtraAverages(loop.Hooks):
         self.out = Path(out)
         self.own, self.extras = None, []
 
-    def step(self, train_step, state, averaged):
+    def step(self, train_step, state):
+        averaged = state.averaged
         if averaged is None:
             raise errors.UsageError("argument --ema: the extra averages sit beside the run's own; use --ema > 0")
         self.own = averaged
-        self.extras = [AveragedGenerator(state["generator"], cap, averaged.refresh_inputs, warm_up)
+        self.extras = [AveragedGenerator(state.generator, cap, averaged.refresh_inputs, warm_up)
                        for cap, warm_up in EXTRAS]
 
         def step_and_extra_averages(real_images, real_labels):

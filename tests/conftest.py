@@ -64,16 +64,21 @@ def cifar_dir():
     return dataset_dir("cifar10")
 
 
+def parsed(module, *argv):
+    """The settings `module.main` would take from the flags `argv` and the preset, as a dict."""
+    return configurator.parse(module.__file__, vars(module), list(argv), presets=getattr(module, "PRESETS", None),
+                              auto_preset=getattr(module, "default_arch", None))
+
+
 def parse(module, *argv):
-    """The configuration `module.main` would parse from `argv` (before the speed settings are resolved)."""
-    return configurator.parse_config(module.__file__, vars(module), list(argv),
-                                     presets=getattr(module, "PRESETS", None),
-                                     auto_preset=getattr(module, "default_arch", None))
+    """The frozen settings of `argv`'s flags and preset (the devices and precision not yet resolved)."""
+    return configurator.freeze(parsed(module, *argv))
 
 
 def config_for(module, *argv):
-    """`parse`, with --precision auto, --xla and --steps-per-call resolved as on this machine."""
-    return speed.resolve(parse(module, *argv), default_steps_per_call=1)
+    """The frozen settings of `argv`, with the devices, precision, XLA and steps per call resolved as on this
+    machine (a fresh run on one device, unless `argv` says otherwise)."""
+    return configurator.freeze(configurator.with_devices(parsed(module, *argv)))
 
 
 @pytest.fixture

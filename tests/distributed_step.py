@@ -24,7 +24,6 @@ import tensorflow as tf  # noqa: E402
 
 from ganlab import configurator  # noqa: E402
 from ganlab.devices import distribute  # noqa: E402
-from ganlab.devices import speed  # noqa: E402
 from ganlab.run import loop  # noqa: E402
 
 
@@ -57,10 +56,8 @@ class SharedNoise:
 def build_and_step(module, config, strategy, weights=None):
     """Build under `strategy`, take `weights` if given, run one step; return the models' weights after it."""
     tf.random.Generator.from_seed = staticmethod(lambda seed: SharedNoise(seed))
-    build = module["build_training"] if "PRESETS" not in module else (
-        lambda settings: module["build_training"](settings, module["PRESETS"][settings.arch]))
-    train_step, state, averaged = loop.build_for_training(config, build, strategy)
-    models = [state["generator"], state["discriminator"]] + ([averaged.model] if averaged else [])
+    state = loop.make_state(config, module["build_training"], strategy)
+    models = [state.generator, state.discriminator] + ([state.averaged.model] if state.averaged else [])
     if weights:
         for model, values in zip(models, weights["before"]):
             model.set_weights(values)
@@ -68,7 +65,7 @@ def build_and_step(module, config, strategy, weights=None):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (BATCH * 2,) + tuple(IMAGE_SHAPE), dtype=np.uint8)
     labels = rng.integers(0, 10, (BATCH * 2,), dtype=np.int32)
-    steps = loop.compile_steps(train_step, tf.constant(images), tf.constant(labels), config, strategy)
+    steps = loop.compile_steps(state, tf.constant(images), tf.constant(labels), config, strategy)
     values = steps(np.arange(BATCH, dtype=np.int32)[None]).numpy()
     return {"before": before, "after": [model.get_weights() for model in models], "values": values}
 
@@ -81,12 +78,12 @@ if __name__ == "__main__":
     module = runpy.run_path(str(script), run_name="distributed_step")
     results = {}
     for mode in ("off", "mirrored"):
-        config = configurator.parse_config(script, module, argv + ["--distribute", mode],
-                                           presets=module.get("PRESETS"), auto_preset=module.get("default_arch"))
-        strategy = distribute.resolve(config)
-        speed.resolve(config, default_steps_per_call=1)
+        config = configurator.freeze(configurator.with_devices(configurator.parse(
+            script, module, argv + ["--distribute", mode], presets=module.get("PRESETS"),
+            auto_preset=module.get("default_arch"))))
+        strategy = distribute.create(config)
         BATCH = config.batch_size
-        side = module["PRESETS"][config.arch]["image_size"] if "PRESETS" in module else 28
+        side = config.image_size if config.arch else 28
         IMAGE_SHAPE = (side, side, 1)
         results[mode] = build_and_step(module, config, strategy, results.get("off"))
     one, two = results["off"], results["mirrored"]

@@ -29,7 +29,6 @@ from tensorflow.python.framework import kernels  # noqa: E402
 
 from ganlab import configurator  # noqa: E402
 from ganlab.devices import distribute  # noqa: E402
-from ganlab.devices import speed  # noqa: E402
 from ganlab.run import loop  # noqa: E402
 
 # Ops that TensorFlow keeps on the host by design, whatever the device, each with its reason. None
@@ -86,22 +85,21 @@ def check(graph_def):
 def traced_call(script, mode, argv):
     """The GraphDef of SCRIPT's compiled training call under --distribute `mode`, XLA off."""
     module = runpy.run_path(str(REPO / script), run_name="gpu_kernels")
-    config = configurator.parse_config(REPO / script, module, argv + ["--distribute", "off" if mode == "off" else
-                                                                       "mirrored", "--no-xla"],
-                                       presets=module.get("PRESETS"), auto_preset=module.get("default_arch"))
+    values = configurator.parse(REPO / script, module, argv + ["--distribute", "off" if mode == "off" else "mirrored",
+                                                                "--no-xla"],
+                                presets=module.get("PRESETS"), auto_preset=module.get("default_arch"))
     if mode == "multi-worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # No TF_CONFIG: one worker, its collectives.
-        config.distribute, config.replicas = mode, strategy.num_replicas_in_sync
+        config = configurator.freeze(configurator.with_devices(values) | dict(
+            distribute=mode, replicas=strategy.num_replicas_in_sync))
     else:
-        strategy = distribute.resolve(config)
-    speed.resolve(config, default_steps_per_call=1)
-    build = module["build_training"] if "PRESETS" not in module else (
-        lambda settings: module["build_training"](settings, module["PRESETS"][settings.arch]))
-    train_step, state, averaged = loop.build_for_training(config, build, strategy)
-    side = module["PRESETS"][config.arch]["image_size"] if "PRESETS" in module else 28
+        config = configurator.freeze(configurator.with_devices(values))
+        strategy = distribute.create(config)
+    state = loop.make_state(config, module["build_training"], strategy)
+    side = config.image_size if config.arch else 28
     images = np.zeros((config.batch_size * 2, side, side, 1), np.uint8)
     labels = np.zeros((config.batch_size * 2,), np.int32)
-    steps = loop.compile_steps(train_step, images, labels, config, strategy)
+    steps = loop.compile_steps(state, images, labels, config, strategy)
     return steps.get_concrete_function().graph.as_graph_def()
 
 

@@ -75,7 +75,7 @@ class KillingHooks(loop.Hooks):
 
 MOMENTS = {
     "loading-data": lambda: before("loading-data", utils, "load_training_images"),
-    "models-built": lambda: after("models-built", loop, "build_for_training"),
+    "models-built": lambda: after("models-built", loop, "make_state"),
     "after-call": lambda: None,
     # The shards are written to ckpt-N_temp/, the merge into ckpt-N has not run.
     "checkpoint-save": lambda: before("checkpoint-save", functional_saver.gen_io_ops, "merge_v2_checkpoints"),

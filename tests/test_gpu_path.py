@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ganlab import bench
+from ganlab import bench, configurator
 from ganlab.devices import distribute
 from ganlab import errors
 from ganlab import models
 import gan_mnist
 from ganlab.devices import speed
-from conftest import REPO, parse, run_script
+from conftest import REPO, parsed, run_script
 from ganlab.run.directory import RunDirectory
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -179,10 +179,10 @@ def test_deterministic_is_saved_and_kept_on_resume(tmp_path, mnist_dir):
                         "--deterministic", "--data-dir", str(mnist_dir), "--out", str(run_dir))  # A process of its
     assert result.returncode == 0, result.stderr[-3000:]  # own: op determinism stays on once turned on.
     assert json.loads((run_dir / "config.json").read_text())["deterministic"] is True
-    config = parse(gan_mnist, "--resume", "--epochs", "2", "--out", str(run_dir))
-    assert config.deterministic is False  # Not given again on the command line,
-    RunDirectory(run_dir).prepare(config)
-    assert config.deterministic is True  # but kept from the run.
+    values = parsed(gan_mnist, "--resume", "--epochs", "2", "--out", str(run_dir))
+    assert values["deterministic"] is False  # Not given again on the command line,
+    run = RunDirectory(run_dir)
+    assert configurator.saved_settings(run, run.read_config(), values)["deterministic"] is True  # but kept from the run.
 
 
 def test_the_benchmark_peak_is_sized_for_the_device_and_names_its_compute_type(monkeypatch, float32_policy_afterwards):

@@ -55,11 +55,11 @@ def test_r1_is_half_gamma_times_the_squared_gradient_norm_on_real_images():
 
 def test_the_average_follows_its_warmed_up_decay_exactly():
     config = config_for(gan_mnist, "--ema", "0.999", "--precision", "fp32", "--batch-size", "8")
-    train_step, state, averaged = loop.build_for_training(config, gan_mnist.build_training)
-    generator = state["generator"]
+    state = loop.make_state(config, gan_mnist.build_training)
+    generator, averaged = state.generator, state.averaged
     before = [v.numpy() for v in generator.trainable_variables]
     np.testing.assert_array_equal(averaged.model.get_weights()[0], generator.get_weights()[0])
-    step = tf.function(train_step)
+    step = tf.function(lambda images, labels: (state.train_step(images, labels), averaged.update()))
     images, labels = tf.random.uniform((8, 28, 28, 1), -1, 1), tf.zeros((8,), "int32")
     step(images, labels)
     after_one = [v.numpy() for v in generator.trainable_variables]
@@ -78,9 +78,9 @@ def test_the_average_follows_its_warmed_up_decay_exactly():
 
 def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
     config = config_for(dcgan_mnist, "--ema", "0.9", "--precision", "fp32", "--batch-size", "8")
-    train_step, state, averaged = loop.build_for_training(
-        config, lambda settings: dcgan_mnist.build_training(settings, dcgan_mnist.PRESETS["28"]))
-    step = tf.function(train_step)
+    state = loop.make_state(config, dcgan_mnist.build_training)
+    averaged = state.averaged
+    step = tf.function(lambda images, labels: (state.train_step(images, labels), averaged.update()))
     for _ in range(3):
         step(tf.random.uniform((8, 28, 28, 1), -1, 1), tf.zeros((8,), "int32"))
     model = averaged.model
@@ -128,14 +128,13 @@ def test_other_losses_train_end_to_end_and_the_raw_generator_is_scored_beside_th
 
 def test_g_steps_updates_g_that_many_times_per_d_update():
     config = config_for(dcgan_mnist, "--g-steps", "2", "--batch-size", "4", "--precision", "fp32")
-    train_step, state, _ = loop.build_for_training(config, lambda settings: dcgan_mnist.build_training(
-        settings, dcgan_mnist.PRESETS[settings.arch]))
-    generator_before = [weight.numpy().copy() for weight in state["generator"].trainable_variables]
+    state = loop.make_state(config, dcgan_mnist.build_training)
+    generator_before = [weight.numpy().copy() for weight in state.generator.trainable_variables]
     images = np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
-    tf.function(train_step)(images, np.zeros(4, np.int32))
-    assert int(state["d_optimizer"].iterations) == 1 and int(state["g_optimizer"].iterations) == 2
+    tf.function(state.train_step)(images, np.zeros(4, np.int32))
+    assert int(state.d_optimizer.iterations) == 1 and int(state.g_optimizer.iterations) == 2
     assert any(not np.array_equal(before, after.numpy())
-               for before, after in zip(generator_before, state["generator"].trainable_variables))
+               for before, after in zip(generator_before, state.generator.trainable_variables))
 
 
 def test_without_ema_the_raw_generator_draws_and_is_scored_alone(tmp_path, mnist_dir):

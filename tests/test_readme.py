@@ -70,9 +70,5 @@ def test_the_parameter_counts_the_readme_gives_are_the_models(row, module, argv)
     line = next(line for line in README.splitlines() if line.startswith(f"| {row} |"))
     quoted = [int(count.replace(",", "")) for count in re.findall(r"[\d,]{5,}", line.split("|")[2])]
     config = parse(module, *argv)
-    if module is dcgan_mnist:
-        preset = dcgan_mnist.PRESETS[config.arch]
-        models = dcgan_mnist.build_generator(config, preset), dcgan_mnist.build_discriminator(config, preset)
-    else:
-        models = gan_mnist.build_generator(config), gan_mnist.build_discriminator(config)
+    models = module.build_generator(config), module.build_discriminator(config)
     assert quoted == [model.count_params() for model in models]

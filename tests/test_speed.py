@@ -28,15 +28,15 @@ TINY = ["--limit", "128", "--batch-size", "32", "--eval-every", "0", "--epochs",
                                                         ("fp16", "float16", True)])
 def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, compute, scaled):
     config = config_for(gan_mnist, "--precision", precision)
-    train_step, state, _ = loop.build_for_training(config, gan_mnist.build_training)
-    generator, discriminator = state["generator"], state["discriminator"]
+    state = loop.make_state(config, gan_mnist.build_training)
+    generator, discriminator = state.generator, state.discriminator
     assert generator.layers[0].compute_dtype == compute
     assert all(v.dtype == "float32" for v in generator.trainable_variables)  # Master weights stay float32.
-    assert isinstance(state["g_optimizer"], keras.optimizers.LossScaleOptimizer) == scaled
-    assert isinstance(state["d_optimizer"], keras.optimizers.LossScaleOptimizer) == scaled
+    assert isinstance(state.g_optimizer, keras.optimizers.LossScaleOptimizer) == scaled
+    assert isinstance(state.d_optimizer, keras.optimizers.LossScaleOptimizer) == scaled
     images = generator(np.zeros((4, config.latent_dim), np.float32), training=False)
     assert images.dtype == "float32" and discriminator(images).dtype == "float32"
-    values = tf.function(train_step)(tf.random.uniform((8, 28, 28, 1), -1, 1), tf.zeros((8,), "int32"))
+    values = tf.function(state.train_step)(tf.random.uniform((8, 28, 28, 1), -1, 1), tf.zeros((8,), "int32"))
     assert all(v.dtype == "float32" and np.isfinite(v.numpy()) for v in values.values())
 
 
@@ -73,6 +73,7 @@ def test_auto_settings_follow_the_device(monkeypatch):
 
     gpu = SimpleNamespace(name="/physical_device:GPU:0", device_type="GPU")
     monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda device, on: None)  # A stand-in GPU.
     for capability, precision in (((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "fp32")):
         monkeypatch.setattr(tf.config.experimental, "get_device_details",
                             lambda device, c=capability: {"compute_capability": c})

@@ -59,7 +59,6 @@ def check_flags(config):
         raise UsageError(f"argument --cpu-devices: must be from 0 to 64, got {config.cpu_devices}")
     if not 0 < config.peer_timeout < float("inf"):
         raise UsageError(f"argument --peer-timeout: must be a positive number of minutes, got {config.peer_timeout}")
-    config.replicas = 1  # Until `resolve` picks the strategy.
 
 
 def split_cpu(count):
@@ -152,33 +151,63 @@ def newer_than_the_wheel(details, build_info):
             f"~/.nv/ComputeCache keeps them; CUDA_CACHE_MAXSIZE=4294967296 makes it large enough)")
 
 
-def resolve(config):
-    """The tf.distribute strategy that --distribute asks for; sets `config.distribute` to the one
-    chosen, `config.replicas` to its replica count and `config.chief` (whether this process writes
-    the run directory), and takes the GPUs it needs (`use_gpus`). Call it before any TensorFlow op runs."""
-    if config.cpu_devices:
-        split_cpu(config.cpu_devices)
-    choice = config.distribute
+def choose(choice):
+    """What --distribute `choice` means here: `auto` becomes multi-worker when $TF_CONFIG names a cluster of
+    two or more tasks, else mirrored over two or more visible GPUs, else off; multi-worker needs a cluster."""
     if choice == "auto":
-        choice = "multi-worker" if cluster_tasks() >= 2 else "mirrored" if len(gpus()) >= 2 else "off"
+        return "multi-worker" if cluster_tasks() >= 2 else "mirrored" if len(gpus()) >= 2 else "off"
+    if choice == "multi-worker" and cluster_tasks() < 2:
+        raise UsageError("argument --distribute: multi-worker needs TF_CONFIG naming a cluster of two or "
+                         "more tasks")
+    return choice
+
+
+def place(choice):
+    """(chief, task): whether this process writes the run directory, and its task ("worker 1") in a cluster.
+
+    In a cluster the chief is the "chief" task, else worker 0, as MultiWorkerMirroredStrategy decides.
+    """
+    if choice != "multi-worker":
+        return True, None
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    kind, index = task["type"], task.get("index", 0)
+    has_chief = "chief" in json.loads(os.environ["TF_CONFIG"])["cluster"]
+    return kind == "chief" or (not has_chief and index == 0), f"{kind} {index}"
+
+
+def take_devices(choice, cpu_devices):
+    """Make the devices `choice` trains on (the CPU split into `cpu_devices`, the GPUs it needs, `use_gpus`);
+    return the replica count its strategy will have. Runs before TensorFlow initialises its devices."""
+    if cpu_devices:
+        split_cpu(cpu_devices)
     use_gpus(choice)
-    config.chief, config.task = True, None
     if choice == "off":
+        return 1
+    if choice == "multi-worker":  # Each machine's GPUs, or its CPU.
+        return max(len(gpus()), 1) * cluster_tasks()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    return len(gpus()) or len(tf.config.get_logical_device_configuration(cpu) or [cpu])
+
+
+def create(settings):
+    """The tf.distribute strategy of `settings.distribute` (see `choose`), over the devices of `take_devices`.
+
+    In a cluster this first waits, bounded by --peer-timeout, for every other worker (`wait_for_peers`).
+    """
+    if settings.distribute == "off":
         strategy = tf.distribute.get_strategy()
-    elif choice == "multi-worker":
-        if cluster_tasks() < 2:
-            raise UsageError("argument --distribute: multi-worker needs TF_CONFIG naming a cluster of two or "
-                             "more tasks")
-        wait_for_peers(config.peer_timeout)
+    elif settings.distribute == "multi-worker":
+        wait_for_peers(settings.peer_timeout)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        resolver = strategy.cluster_resolver
-        config.chief, config.task = strategy.extended.should_checkpoint, f"{resolver.task_type} {resolver.task_id}"
     else:
         logical_gpus = tf.config.list_logical_devices("GPU")
         devices = [device.name for device in (logical_gpus or tf.config.list_logical_devices("CPU"))]
         strategy = tf.distribute.MirroredStrategy(
             devices, cross_device_ops=None if logical_gpus else tf.distribute.ReductionToOneDevice())
-    config.distribute, config.replicas = choice, strategy.num_replicas_in_sync
+    if strategy.num_replicas_in_sync != settings.replicas:
+        raise UsageError(f"argument --distribute: {settings.distribute} made {strategy.num_replicas_in_sync} "
+                         f"replicas where {settings.replicas} were expected (every machine of a cluster must have "
+                         f"as many GPUs as this one)")
     return strategy
 
 
@@ -233,30 +262,16 @@ def _answers(address):
         return False
 
 
-def prepare(config, run):
-    """The strategy (`resolve`) and the run directory this process trains into, checked (`RunDirectory.prepare`).
-
-    The chief (every process but the other workers of a cluster) trains into `run`. Another worker
-    trains into a temporary directory, removed when it exits, reads the chief's checkpoints, takes
-    the run's saved settings on --resume and leaves the evaluation to the chief.
-    """
-    strategy = resolve(config)
-    if config.chief:
-        if not config.benchmark:
-            run.prepare(config)  # Refuses to clobber a run; with --resume, takes the run's saved hyperparameters.
-    else:
-        if config.resume:
-            run.adopt(config)
-        prefix = f"tf2-gan-{config.task.replace(' ', '-')}-"
-        remove_stale_directories(prefix)
-        own = RunDirectory(tempfile.mkdtemp(prefix=prefix))
-        atexit.register(shutil.rmtree, own.path, ignore_errors=True)
-        own.restore_from, run = run, own
-        config.eval_every = 0
-    if config.batch_size < config.replicas:
-        raise UsageError(f"argument --batch-size: {config.batch_size} is smaller than the {config.replicas} "
-                         f"replicas of --distribute {config.distribute}, each of which needs an image")
-    return strategy, run
+def worker_directory(task, chief_run):
+    """The run directory of a cluster's worker other than the chief: a temporary directory, removed when
+    the process exits, that reads the chief's checkpoints (`chief_run`). Earlier ones of this task
+    that were killed outright are removed first."""
+    prefix = f"tf2-gan-{task.replace(' ', '-')}-"
+    remove_stale_directories(prefix)
+    own = RunDirectory(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, own.path, ignore_errors=True)
+    own.restore_from = chief_run
+    return own
 
 
 def shares(batch_size, replicas):

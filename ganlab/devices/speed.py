@@ -1,7 +1,7 @@
 """The speed settings: precision policy, XLA and training steps per compiled call, with their flags.
 
 `--precision auto`, `--xla` unset and `--steps-per-call 0` pick what measured fastest on the device
-at hand (`resolve`); bench.py measures them.
+at hand (`choose`); bench.py measures them.
 """
 
 import argparse
@@ -46,49 +46,51 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve(config, default_steps_per_call, bf16_on_cpu=True):
-    """Fill in --precision auto, --xla and --steps-per-call 0 with what measured fastest on this device.
+def choose(values, saved_precision, default_steps_per_call):
+    """--precision auto, --xla and --steps-per-call 0 made what measured fastest on this device: a dict of
+    the three, from `values` (the settings being resolved: these flags, `replicas`, `resume`, `out`).
 
     On this project's 2-core CPU (AVX512-BF16), bf16 ran the DCGAN step 1.3x faster than fp32 and
     XLA ran it 1.5x slower; on GPUs, XLA and several steps per call remove per-step overhead, and
-    bf16 (compute capability 8+) or fp16 with loss scaling (7.x) use the tensor cores.
-    `bf16_on_cpu=False` keeps fp32 on the CPU for a model where bf16 measured slower there.
+    bf16 (compute capability 8+) or fp16 with loss scaling (7.x) use the tensor cores. A preset
+    with `bf16_on_cpu` False keeps fp32 on the CPU, where bf16 measured slower for it. On --resume
+    the precision keeps to the side of fp16 that the checkpoint (`saved_precision`) is on
+    (`matching_precision`).
     """
     gpus = distribute.gpus()
-    config.precision_requested = config.precision
-    if config.precision == "auto":
+    precision, xla, replicas = values["precision"], values["xla"], values["replicas"]
+    if precision == "auto":
         if gpus:
             capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-            config.precision = "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
+            precision = "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
         else:
-            config.precision = "bf16" if cpu_has_bf16() and bf16_on_cpu else "fp32"
-    if config.xla is None:
-        config.xla = bool(gpus) and config.replicas == 1
-    elif config.xla and config.replicas > 1:  # See --help: XLA inside strategy.run is GPU-only and untried.
-        print(f"--xla ignored over the {config.replicas} replicas of --distribute: TensorFlow compiles a replica's "
+            precision = "bf16" if cpu_has_bf16() and values["bf16_on_cpu"] else "fp32"
+    if xla is None:
+        xla = bool(gpus) and replicas == 1
+    elif xla and replicas > 1:  # See --help: XLA inside strategy.run is GPU-only and untried.
+        print(f"--xla ignored over the {replicas} replicas of --distribute: TensorFlow compiles a replica's "
               f"step with XLA only when every device is a GPU, a path not yet checked here")
-        config.xla = False
-    if not config.steps_per_call:
-        config.steps_per_call = 10 if gpus else default_steps_per_call
-    match_saved_precision(config)
-    return config
+        xla = False
+    if values["resume"]:
+        precision = matching_precision(precision, values["precision"], saved_precision, values["out"])
+    return dict(precision=precision, xla=xla,
+                steps_per_call=values["steps_per_call"] or (10 if gpus else default_steps_per_call))
 
 
-def match_saved_precision(config):
+def matching_precision(precision, requested, saved, out):
     """On --resume, keep fp16 (whose optimizers carry a loss scale) or non-fp16, as the checkpoint holds.
 
-    An explicit --precision that crosses that line is refused naming the flag; `auto` follows the run.
+    An explicit --precision (`requested`) that crosses that line is refused naming the flag; `auto`
+    follows the run (`saved`, the run in `out` trained in it).
     """
-    saved = getattr(config, "saved_run", None)
-    before = (saved or {}).get("precision", "fp32")
-    if not getattr(config, "resume", False) or (before == "fp16") == (config.precision == "fp16"):
-        return
-    if config.precision_requested != "auto":
-        raise UsageError(f"argument --precision: the run in {config.out} was trained in {before}; "
-                         f"{'fp16 adds' if before != 'fp16' else 'it has'} a loss scale that "
-                         f"{'its checkpoint lacks' if before != 'fp16' else config.precision + ' lacks'}: "
-                         f"resume in {before if before == 'fp16' else 'bf16 or fp32'}")
-    config.precision = "fp16" if before == "fp16" else "fp32"
+    if (saved == "fp16") == (precision == "fp16"):
+        return precision
+    if requested != "auto":
+        raise UsageError(f"argument --precision: the run in {out} was trained in {saved}; "
+                         f"{'fp16 adds' if saved != 'fp16' else 'it has'} a loss scale that "
+                         f"{'its checkpoint lacks' if saved != 'fp16' else precision + ' lacks'}: "
+                         f"resume in {saved if saved == 'fp16' else 'bf16 or fp32'}")
+    return "fp16" if saved == "fp16" else "fp32"
 
 
 def set_precision(precision):

@@ -19,7 +19,7 @@ try:
 except ImportError:
     fcntl = None
 
-from ganlab.errors import REPO_DIR, DataError, UsageError, flag
+from ganlab.errors import REPO_DIR, DataError, UsageError
 
 # Written into every run's config.json: how this project recognises a run of its own, so that
 # --resume and --overwrite never take another program's files for one.
@@ -27,9 +27,6 @@ FORMAT = "tf2-gan-mnist run 1"
 SCRIPTS = ("gan_mnist", "dcgan_mnist")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 
-# What --resume may change: the length of the run and how often it is scored; --lr only downwards,
-# to continue after a divergence. Anything else would make the resumed run a different experiment.
-RESUMABLE_CHANGES = ("epochs", "eval_every")
 
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.index$")
 
@@ -52,7 +49,11 @@ def check_flags(config):
         raise UsageError("argument --resume: not allowed with --overwrite")
     if config.out is not None and not config.out.strip():
         raise UsageError("argument --out: empty; name a run directory (default: results/<script>)")
-    config.out = Path(config.out) if config.out else REPO_DIR / "results" / config.script
+
+
+def default_out(out, script):
+    """--out as a path: results/<script> of this checkout when not given."""
+    return Path(out) if out else REPO_DIR / "results" / script
 
 
 def megabytes(count):
@@ -136,16 +137,13 @@ class RunDirectory:
                             f"project; choose another --out (nothing there was touched)")
         return False
 
-    def prepare(self, config):
-        """Check, before anything is built, that training may start here; with --resume, adopt the run's config.
+    def check_start(self, resume, overwrite):
+        """Check, before anything is built, that training may start here; changes nothing.
 
         A directory that already holds a run needs --resume (continue it) or --overwrite (replace
-        it); one holding another program's files is refused either way. With --resume, every
-        hyperparameter not given on the command line takes the run's saved value, and one given
-        with another value is refused (except RESUMABLE_CHANGES and a lower --lr), naming each
-        difference; the checkpoint is left untouched. A run killed before its first checkpoint
-        starts again from scratch with its saved settings. A directory another process is
-        training in is refused first, naming that process.
+        it); one holding another program's files is refused either way. A directory another
+        process is training in is refused first, naming that process. With --resume, the run's
+        saved settings are the configurator's to take (`configurator.saved_settings`).
         """
         for parent in self.path.resolve().parents:  # Never a run inside another (its checkpoints/, say).
             if (parent / "config.json").is_file() and RunDirectory(parent).is_run():
@@ -159,61 +157,15 @@ class RunDirectory:
             if os.path.lexists(folder) and not folder.is_dir():
                 raise DataError(f"{folder}: not a directory, where a run keeps its {folder.name}; move it away "
                                 f"(nothing was touched)")
-        config.saved_run = None
-        if not config.resume:
-            if holds_a_run and not config.overwrite:
-                raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, "
-                                 f"--overwrite to replace it, or --out to start another")
-            return
-        if not holds_a_run:
+        if holds_a_run and not resume and not overwrite:
+            raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, "
+                             f"--overwrite to replace it, or --out to start another")
+        if resume and not holds_a_run:
             raise UsageError(f"argument --resume: {self.path} holds no run to resume (no config.json)")
-        self.adopt(config)
 
-    def adopt(self, config):
-        """--resume: take the run's saved hyperparameters (see `prepare`); from scratch if it has no checkpoint."""
-        saved = config.saved_run = self.read_config()
-        if saved.get("script") != config.script:
-            raise UsageError(f"argument --resume: {self.path} holds a {saved.get('script')} run, "
-                             f"not a {config.script} run")
-        from ganlab.configurator import saved_value_problem  # Here: configurator imports this module.
-        from utils import parse_classes
-
-        differences = []
-        config.lr_change = None
-        for key in config.hyperparameters:
-            if key not in saved:
-                continue
-            problem = saved_value_problem(key, saved[key], getattr(config, key))
-            if problem and not (key in config.explicit and key in RESUMABLE_CHANGES):  # Hand-edited: refused as
-                raise DataError(f"{self.config}: \"{key}\" is {json.dumps(saved[key])}: {problem} "  # its flag
-                                f"(as {flag(key)}); correct it, or start a new run with --out")  # would be.
-            if key in config.explicit and getattr(config, key) != saved[key]:
-                if key == "lr" and getattr(config, key) < saved[key]:
-                    config.lr_change = (saved[key], config.lr)
-                elif key not in RESUMABLE_CHANGES:
-                    differences.append(f"{flag(key)} {getattr(config, key)} (the run has {saved[key]})")
-            else:
-                setattr(config, key, saved[key])
-        if "classes" in saved:
-            try:
-                parse_classes(config.classes, config.dataset)
-            except UsageError as error:
-                raise DataError(f"{self.config}: \"classes\" is {json.dumps(config.classes)}: "
-                                f"{str(error).split(': ', 1)[-1]}; correct it, or start a new run with --out") from None
-        config.deterministic = config.deterministic or bool(saved.get("deterministic"))  # A repeatable run stays so.
-        if differences:
-            raise UsageError(f"argument --resume: {self.path} was trained with other settings: "
-                             f"{'; '.join(differences)} (only --epochs, --eval-every and a lower --lr may change). "
-                             f"Start a new run with --out, or --overwrite")
-        if not self.checkpoint_prefixes():
-            trained = [p.name for p in self.output_files() if p not in (self.config, self.real_samples)]
-            if trained:  # Its checkpoints were deleted (to save space, say): starting over would wipe its outputs.
-                raise UsageError(f"argument --resume: {self.path} has trained ({', '.join(trained[:3])}"
-                                 f"{', ...' if len(trained) > 3 else ''}) but holds no checkpoint to go on from; "
-                                 f"its outputs are kept (nothing was touched): --overwrite starts it again")
-            print(f"{self.checkpoints}: no checkpoint yet (the run stopped before its first); "
-                  f"starting it from scratch with its saved settings")
-            config.resume, config.restart = False, True
+    def trained_outputs(self):
+        """The names of the outputs that only training writes (all but config.json and real_samples.png)."""
+        return [p.name for p in self.output_files() if p not in (self.config, self.real_samples)]
 
     def create(self, overwrite=False):
         """Create and lock the directory; with `overwrite`, remove an earlier run's outputs (only those).

@@ -57,13 +57,13 @@ class EpochOutputs:
     trained generator, the history and plots. At the end: random_samples.png and metrics.json.
     """
 
-    def __init__(self, config, run, session, evaluator, transform, hooks):
-        self.config, self.run, self.session, self.evaluator = config, run, session, evaluator
+    def __init__(self, config, run, state, evaluator, transform, hooks):
+        self.config, self.run, self.state, self.evaluator = config, run, state, evaluator
         self.transform, self.hooks = transform, hooks
-        self.history = session.history
+        self.history = state.history
         self.writer = tf.summary.create_file_writer(str(run.tensorboard))
         self.status = StatusLine(config.epochs)
-        self.grid_noise, self.grid_labels, self.grid_columns = grid_inputs(config, session.fixed_noise)
+        self.grid_noise, self.grid_labels, self.grid_columns = grid_inputs(config, state.fixed_noise)
 
     def record_steps(self, call_values, steps_before):
         """Append a call's per-step values to the history; TensorBoard gets one point per call (its steps'
@@ -77,23 +77,23 @@ class EpochOutputs:
     def end_epoch(self, epoch, means, seconds, stop):
         """The epoch's summary line, the average's refresh and, when due, the evaluation; then the epoch
         joins the history. Writes no file: the checkpoint comes first (see `write_epoch`)."""
-        config, steps = self.config, self.session.steps
+        config, steps = self.config, self.state.steps
         images_per_second = steps * config.batch_size / seconds
         self.status.finish_line(f"epoch {epoch}/{config.epochs} | {describe(means)} | {seconds:.1f} s, "
                                 f"{images_per_second:.0f} img/s | {self.run.epoch_grid(epoch).name}")
-        if self.session.averaged:
-            self.session.averaged.refresh()
+        if self.state.averaged:
+            self.state.averaged.refresh()
         if self.evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            with stop.at_once():  # It takes seconds: a signal interrupts it.
+            with stop.at_once(steps, seconds):  # It takes seconds: a signal interrupts it.
                 self.evaluate(epoch)
         self.history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
                                        "images_per_second": round(images_per_second, 1)})
-        self.history["total_seconds"] = round(time.perf_counter() - self.session.started, 3)
+        self.history["total_seconds"] = round(time.perf_counter() - self.state.started, 3)
 
     def write_epoch(self, epoch, gif=False):
         """The outputs of a checkpointed epoch: its grid, TensorBoard, the generator file, history and plots."""
-        steps = self.session.steps
-        grid = utils.image_grid(sample.sample_images(self.session.sampler, self.grid_noise, self.grid_labels),
+        steps = self.state.steps
+        grid = utils.image_grid(sample.sample_images(self.state.sampler, self.grid_noise, self.grid_labels),
                                 self.grid_columns)
         utils.save_png(self.run.epoch_grid(epoch), grid)
         summary = next(e for e in self.history["epochs"] if e["epoch"] == epoch)
@@ -109,20 +109,20 @@ class EpochOutputs:
                         tf.summary.scalar(f"evaluation_raw_generator/{key}", figures["raw"][key])
         self.writer.flush()
         with utils.atomic_path(self.run.generator) as temporary:
-            self.session.sampler.save(temporary)
+            self.state.sampler.save(temporary)
         self.write_pictures(epoch, gif=gif)
 
     def evaluate(self, epoch):
         """Score the sampler (and, with --ema, the raw G beside it); print the figures and keep them in the history."""
-        config, evaluator, averaged = self.config, self.evaluator, self.session.averaged
+        config, evaluator, averaged = self.config, self.evaluator, self.state.averaged
 
         def score(generator):
             return sample.evaluate_generator(evaluator, generator, config.num_samples, config.seed,
                                              self.transform, config)
 
-        figures = score(self.session.sampler)
+        figures = score(self.state.sampler)
         if averaged:  # The raw generator too: the same training without the average, for comparison.
-            raw = score(self.session.state["generator"])
+            raw = score(self.state.generator)
             figures["raw"] = {key: raw[key] for key in evaluation.FIGURES}
         print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
               f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/{figures['classes']} classes, "
@@ -161,7 +161,7 @@ class EpochOutputs:
         random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))
         # The average's batch-norm statistics were refreshed after the last epoch; nothing has moved since.
         utils.save_png(run.random_samples, utils.image_grid(
-            sample.sample_images(self.session.sampler, random_noise, random_labels), columns))
+            sample.sample_images(self.state.sampler, random_noise, random_labels), columns))
         self.writer.close()
         total = self.history["total_seconds"]
         print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
@@ -182,7 +182,7 @@ def grid_inputs(config, noise):
     one column per noise vector, the same vector down each column, so each frame shows every class
     in the same styles. Returns (noise, one-hot labels or None, columns).
     """
-    if not getattr(config, "conditional", False):
+    if not config.conditional:
         return noise, None, config.sample_grid
     classes = utils.parse_classes(config.classes, config.dataset)
     columns = noise[:config.sample_grid]
