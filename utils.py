@@ -1,7 +1,7 @@
 """Data, pictures and files: what both training scripts read and write.
 
 - the datasets: MNIST and Fashion-MNIST from IDX files (or Keras's `mnist.npz`), CIFAR-10 through
-  cifar10.py, each found on disk or downloaded and verified (downloads.py), kept to `--classes`
+  ganlab/datasets/, each found on disk or downloaded and verified, kept to `--classes`
   (`load_dataset`, `load_training_images`);
 - images: scaling to the generator's [-1, 1] and the presets' resizing to and from the native size
   (`prepare_images`, `to_dataset_uint8`), and grids of samples (`image_grid`);

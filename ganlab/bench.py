@@ -20,10 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ganlab.devices import distribute
-from ganlab.devices import speed
-from ganlab.run import loop
+from ganlab.devices import distribute, speed
 from ganlab.errors import UsageError
+from ganlab.run import loop
 
 
 def add_flags(parser):

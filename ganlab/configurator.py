@@ -21,15 +21,14 @@ import re
 import sys
 from pathlib import Path
 
-from ganlab import bench
-from ganlab.devices import distribute
-from ganlab.run import directory as run_directory
-from ganlab.sampling import sample
-from ganlab.devices import speed
-from ganlab.run import loop
 import utils
+from ganlab import bench
+from ganlab.devices import distribute, speed
 from ganlab.errors import DataError, UsageError, flag
+from ganlab.run import directory as run_directory
+from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
+from ganlab.sampling import sample
 
 # A constant in a script's block: NAME = value  # comment (the comment becomes the flag's help).
 _CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
@@ -127,7 +126,7 @@ def resolve(script_path, namespace, argv=None, description=None, presets=None, a
         values |= saved_settings(run, saved, values)
     settings = freeze(with_devices(values, saved.get("precision", "fp32"), default_steps_per_call))
     strategy = distribute.create(settings)
-    return settings, run if settings.chief else distribute.worker_directory(settings.task, run), strategy
+    return settings, run if settings.chief else run_directory.worker_directory(settings.task, run), strategy
 
 
 def with_devices(values, saved_precision="fp32", default_steps_per_call=1):

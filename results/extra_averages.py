@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # The project's modules, from the repository root.
 
 from ganlab import errors  # noqa: E402  (after sys.path: the project's package)
-from ganlab.run import loop  # noqa: E402
 from ganlab.models import AveragedGenerator  # noqa: E402
+from ganlab.run import loop  # noqa: E402
 
 # (cap, c) of each extra average. The first repeats the default schedule of gan_mnist.py (--ema
 # 0.999), so with --ema 0.999 its figures must equal the run's own: a check that the extras see

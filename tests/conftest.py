@@ -17,11 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ganlab.datasets import cifar10  # noqa: E402
-from ganlab import configurator  # noqa: E402
-from ganlab.devices import speed  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
 import utils  # noqa: E402
+from ganlab import configurator, errors  # noqa: E402
+from ganlab.datasets import cifar10  # noqa: E402
+from ganlab.devices import speed  # noqa: E402
 
 HOW_TO_GET = {
     "mnist": "set MNIST_DIR to a directory with the four MNIST IDX files, or run a script once to download them",
@@ -117,3 +118,19 @@ def run_script(script, *args, env_extra=None, timeout=300):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
+
+
+QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]  # 3 steps an epoch.
+
+
+def fails(module, argv, capsys):
+    """Run `module.main(argv)` as the command line does; return (exit status, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        errors.run_main(module.main, argv)
+    return exit_status.value.code, capsys.readouterr().err
+
+
+def contents(directory):
+    """Every file under `directory`, as {relative path: bytes}."""
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}

@@ -18,7 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ganlab import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

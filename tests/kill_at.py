@@ -16,14 +16,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ganlab import errors  # noqa: E402, F401  (loads TensorFlow quietly, as the scripts do)
 import keras  # noqa: E402
 from tensorflow.python.checkpoint import functional_saver  # noqa: E402
 
-from ganlab.run import outputs  # noqa: E402
-from ganlab.sampling import sample  # noqa: E402
-from ganlab.run import loop  # noqa: E402
 import utils  # noqa: E402
+from ganlab import errors  # noqa: E402
+from ganlab.run import loop, outputs  # noqa: E402
+from ganlab.sampling import sample  # noqa: E402
 
 moment, wanted = sys.argv[1], int(sys.argv[2])
 seen = 0

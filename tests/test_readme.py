@@ -1,5 +1,6 @@
 """The README's promises: every flag it names exists, every command it quotes parses, every file exists."""
 
+import ast
 import re
 import shlex
 
@@ -42,6 +43,16 @@ def test_every_file_the_readme_names_exists_and_every_module_is_named():
     assert not missing, f"README names files that do not exist: {missing}"
     unnamed = sorted(path.name for path in REPO.glob("*.py") if path.name not in named)
     assert not unnamed, f"modules the README does not name: {unnamed}"
+    assert "`ganlab/`" in README
+
+
+def test_every_folder_of_the_package_maps_its_modules_in_its_docstring():
+    for init in sorted((REPO / "ganlab").rglob("__init__.py")):
+        map_text = ast.get_docstring(ast.parse(init.read_text())) or ""
+        parts = [p.name for p in init.parent.glob("*.py") if p.name != "__init__.py"]
+        parts += [f"{p.name}/" for p in init.parent.iterdir() if (p / "__init__.py").is_file()]
+        unnamed = sorted(part for part in parts if part not in map_text)
+        assert not unnamed, f"{init.relative_to(REPO)}: its docstring does not name {unnamed}"
 
 
 def test_every_picture_and_file_the_readme_links_exists_and_the_showcase_opens_it():

@@ -16,7 +16,7 @@ temporary directory. Its outcome is one of:
     lost data    a file of the run (or a file outside it) changed when the case should touch nothing
     half-written a temporary (.NAME.tmp-PID) left in the run directory
 
-The exit status is 0 only if every case ends in "one line" or "ran". tests/test_bad_inputs.py runs it.
+The exit status is 0 only if every case ends in "one line" or "ran". tests/tools/test_bad_inputs.py runs it.
 """
 
 import argparse
@@ -530,8 +530,8 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once (default: 2)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from ganlab import errors  # noqa: F401  (TensorFlow, quietly)
     import utils
+    from ganlab import errors  # noqa: F401  (TensorFlow, quietly)
 
     located = utils.locate_idx_dataset("mnist", "train")[0]
     if not located or len(located) != 2:

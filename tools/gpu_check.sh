@@ -57,7 +57,7 @@ summary_of() {
 
 # How many GPUs TensorFlow sees (0 if it does not load).
 tensorflow_gpus() {
-  python -c "import errors, tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))" 2>/dev/null || echo 0
+  python -c "from ganlab import tf; print(len(tf.config.list_physical_devices('GPU')))" 2>/dev/null || echo 0
 }
 
 if [ "$MODE" = gpu ]; then
@@ -80,8 +80,7 @@ fi
 
 check devices 60 env GPU_CHECK_MODE="$MODE" python - <<'EOF'
 import os, sys
-import errors  # noqa: F401  (TensorFlow, quietly)
-import tensorflow as tf
+from ganlab import tf  # TensorFlow, loaded quietly
 build = tf.sysconfig.get_build_info()
 gpus = tf.config.list_physical_devices("GPU")
 print(f"TensorFlow {tf.__version__}, CUDA {build.get('cuda_version', 'none')}, cuDNN {build.get('cudnn_version', 'none')}")
@@ -114,8 +113,8 @@ check resume_exact 300 bash -c "
   python dcgan_mnist.py --epochs 2 --resume --out '$OUT/resumed' > /dev/null
   python - '$OUT/straight' '$OUT/resumed' <<'PY'
 import sys
-import errors  # noqa: F401
-import keras, numpy as np
+from ganlab import keras  # loaded quietly
+import numpy as np
 a, b = (keras.saving.load_model(f'{d}/generator.keras', compile=False).get_weights() for d in sys.argv[1:])
 worst = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 print('identical' if worst == 0 else f'differ by up to {worst}')
@@ -137,7 +136,7 @@ if [ "$GPUS" -ge 2 ] || [ "$MODE" = cpu ]; then
 fi
 
 echo
-echo "GPU check ($MODE) on $(python -c "import errors, tensorflow as tf; print(', '.join(tf.config.experimental.get_device_details(g).get('device_name', g.name) for g in tf.config.list_physical_devices('GPU')) or 'the CPU')" 2>/dev/null); logs in $LOGS"
+echo "GPU check ($MODE) on $(python -c "from ganlab import tf; print(', '.join(tf.config.experimental.get_device_details(g).get('device_name', g.name) for g in tf.config.list_physical_devices('GPU')) or 'the CPU')" 2>/dev/null); logs in $LOGS"
 printf '%-30s %-22s %8s  %s\n' check result time "what it printed last"
 printf '%s\n' "${ROWS[@]}"
 exit $FAILED

@@ -13,26 +13,20 @@ multi-device path can be tried, and tested, anywhere.
 Under a strategy the recipe stays the one of a single device: --batch-size is the global batch,
 each of the N replicas takes its share of it (`shares`: as even as can be, so that any batch runs
 on any number of devices; 100 on 8 GPUs is 4 x 13 + 4 x 12), the replicas' gradients are summed
-(so each replica's loss is its share of the global mean, `gan.global_mean`, weighted by its share
+(so each replica's loss is its share of the global mean, `models.global_mean`, weighted by its share
 of the images), batch norm takes the whole batch's
-statistics (`gan.GlobalBatchNormalization`), each replica draws its own noise, and under fp16 an
-overflow on any replica skips the step on all (`gan.ReplicaSafeLossScaleOptimizer`).
+statistics (`models.GlobalBatchNormalization`), each replica draws its own noise, and under fp16 an
+overflow on any replica skips the step on all (`models.ReplicaSafeLossScaleOptimizer`).
 """
 
-import atexit
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
-from pathlib import Path
 
 import tensorflow as tf
 
-from ganlab.errors import DataError, UsageError
-from ganlab.run.directory import RunDirectory
-
+from ganlab.errors import UsageError
 
 PEER_TIMEOUT = 10.0  # Minutes a worker waits for its cluster: a peer that never starts must not hang it for ever.
 
@@ -262,18 +256,6 @@ def _answers(address):
         return False
 
 
-def worker_directory(task, chief_run):
-    """The run directory of a cluster's worker other than the chief: a temporary directory, removed when
-    the process exits, that reads the chief's checkpoints (`chief_run`). Earlier ones of this task
-    that were killed outright are removed first."""
-    prefix = f"tf2-gan-{task.replace(' ', '-')}-"
-    remove_stale_directories(prefix)
-    own = RunDirectory(tempfile.mkdtemp(prefix=prefix))
-    atexit.register(shutil.rmtree, own.path, ignore_errors=True)
-    own.restore_from = chief_run
-    return own
-
-
 def shares(batch_size, replicas):
     """Each replica's rows [start, end) of a global batch: as even as can be, the first `batch_size %
     replicas` replicas one image larger (100 over 8: 13, 13, 13, 13, 12, 12, 12, 12)."""
@@ -287,18 +269,6 @@ def replica_index():
     MultiWorkerMirroredStrategy fix it when each replica's step is traced, so it is a Python int."""
     context = tf.distribute.get_replica_context()
     return int(tf.get_static_value(context.replica_id_in_sync_group)) if context.num_replicas_in_sync > 1 else 0
-
-
-def remove_stale_directories(prefix):
-    """Remove the temporary directories of this worker's earlier processes that were killed outright
-    (their lock is free); a live process's directory is locked and kept."""
-    for path in Path(tempfile.gettempdir()).glob(prefix + "*"):
-        try:
-            if RunDirectory(path).holder():
-                continue
-        except DataError:  # Not a lock this project made: leave it.
-            continue
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def print_devices(config):

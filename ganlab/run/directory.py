@@ -7,11 +7,13 @@ hyperparameters) and replaced only with `--overwrite`, which removes only the fi
 another program's files are never taken for a run.
 """
 
+import atexit
 import errno
 import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 try:
@@ -305,3 +307,27 @@ def _config_problem(saved):
     if saved.get("dataset", "mnist") not in DATASETS:
         return f"names an unknown dataset {saved.get('dataset')!r} (expected {', '.join(DATASETS)})"
     return None
+
+
+def worker_directory(task, chief_run):
+    """The run directory of a cluster's worker other than the chief: a temporary directory, removed when
+    the process exits, that reads the chief's checkpoints (`chief_run`). Earlier ones of this task
+    that were killed outright are removed first."""
+    prefix = f"tf2-gan-{task.replace(' ', '-')}-"
+    remove_stale_directories(prefix)
+    own = RunDirectory(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, own.path, ignore_errors=True)
+    own.restore_from = chief_run
+    return own
+
+
+def remove_stale_directories(prefix):
+    """Remove the temporary directories of this worker's earlier processes that were killed outright
+    (their lock is free); a live process's directory is locked and kept."""
+    for path in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        try:
+            if RunDirectory(path).holder():
+                continue
+        except DataError:  # Not a lock this project made: leave it.
+            continue
+        shutil.rmtree(path, ignore_errors=True)

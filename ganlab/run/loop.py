@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import utils
 from ganlab import models
 from ganlab.devices import distribute, speed
 from ganlab.errors import UsageError, is_out_of_space, model_sizes, out_of_memory
@@ -27,7 +28,6 @@ from ganlab.run.checkpoint import Checkpoint
 from ganlab.run.outputs import METRICS, EpochOutputs, outputs_behind
 from ganlab.run.stopping import StopNow, StopRequests, check_finite, interrupted
 from ganlab.sampling import sample
-import utils
 
 CHECKPOINT_MINUTES = 10.0  # Besides each epoch's end: a crash loses minutes of training, not an epoch.
 
@@ -131,13 +131,14 @@ def train(config, run, data, build_training, transform="none", hooks=None, strat
         images, labels = data
         evaluator = (sample.load_evaluator(config.dataset, config.data_dir, config.classes)
                      if config.eval_every else None)
-        with out_of_memory("building the models", model_sizes(config)):
+        sizes = model_sizes(config)  # Named if memory runs out.
+        with out_of_memory("building the models", sizes):
             state = start_or_restore(config, run, build_training, hooks, len(images) // config.batch_size, strategy)
         try:
             write_run_start(config, run, images, transform, state.history)
             train_steps = hooks.calls(compile_steps(state, images, labels, config, strategy))
             outputs = EpochOutputs(config, run, state, evaluator, transform, hooks)
-            with out_of_memory("training", model_sizes(config)):
+            with out_of_memory("training", sizes):
                 train_epochs(config, run, state, train_steps, outputs, len(images))
         except (OSError, tf.errors.OpError) as error:
             if not is_out_of_space(error):
@@ -187,13 +188,15 @@ def stop(config, run, state, outputs, signum, epoch, stopped):
     """
     if stopped.epoch_saved:
         outputs.writer.close()
-        return interrupted(signum, config, run, f"the end of epoch {epoch}")
-    step = stopped.step if stopped.step is not None else state.steps
-    state.history["evaluations"] = [e for e in state.history["evaluations"] if e["epoch"] != epoch]
-    state.history["partial_epoch"] = state.save_mid_epoch(epoch, step, stopped.seconds)
-    outputs.stopped(epoch - 1)
-    return interrupted(signum, config, run, f"epoch {epoch}, step {step}/{state.steps}" if step < state.steps
-                       else f"the end of epoch {epoch}, before its evaluation")
+        where = f"the end of epoch {epoch}"
+    else:
+        step = stopped.step if stopped.step is not None else state.steps
+        state.history["evaluations"] = [e for e in state.history["evaluations"] if e["epoch"] != epoch]
+        state.history["partial_epoch"] = state.save_mid_epoch(epoch, step, stopped.seconds)
+        outputs.stopped(epoch - 1)
+        where = (f"epoch {epoch}, step {step}/{state.steps}" if step < state.steps
+                 else f"the end of epoch {epoch}, before its evaluation")
+    return interrupted(signum, config, run, where)
 
 
 # ---------------------------------------------------------------------------------------------

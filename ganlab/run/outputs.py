@@ -11,10 +11,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from ganlab.sampling import evaluation
-from ganlab import models
-from ganlab.sampling import sample
 import utils
+from ganlab import models
+from ganlab.sampling import evaluation, sample
 
 METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # What each train step returns, per batch.
 

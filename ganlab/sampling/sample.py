@@ -19,10 +19,10 @@ import imageio.v3 as iio
 import keras
 import numpy as np
 
-from ganlab.sampling import evaluation
 import utils
 from ganlab.errors import DataError, TrainingStopped, UsageError, out_of_memory
 from ganlab.models import balanced_labels, one_hot
+from ganlab.sampling import evaluation
 
 
 def add_flags(parser):

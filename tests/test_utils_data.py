@@ -10,10 +10,10 @@ import threading
 import numpy as np
 import pytest
 
-from ganlab.datasets import downloads
-from ganlab import errors
 import utils
 from conftest import idx_bytes, run_script, write_mnist
+from ganlab import errors
+from ganlab.datasets import downloads
 
 
 @pytest.fixture(autouse=True)

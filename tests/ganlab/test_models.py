@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-from ganlab import models
 import gan_mnist
-from ganlab.run import loop
 from conftest import config_for, run_script
+from ganlab import models
+from ganlab.run import loop
 
 pytestmark = pytest.mark.usefixtures("float32_policy_afterwards")
 

@@ -15,12 +15,12 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-from ganlab import errors
 import gan_mnist
-from ganlab.run import directory as run_directory
-from ganlab.sampling import sample
-from ganlab.run import loop
 from conftest import REPO
+from ganlab import errors
+from ganlab.run import directory as run_directory
+from ganlab.run import loop
+from ganlab.sampling import sample
 
 QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]
 

@@ -11,30 +11,16 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-from ganlab import errors
 import gan_mnist
-from ganlab.sampling import sample
+from conftest import QUICK, contents, fails, run_script
+from ganlab import errors
 from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
-from conftest import run_script
-
-QUICK = ["--limit", "192", "--batch-size", "64", "--eval-every", "0", "--seed", "3"]  # 3 steps an epoch.
-
-
-def fails(module, argv, capsys):
-    """Run `module.main(argv)` as the command line does; return (exit status, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_status:
-        errors.run_main(module.main, argv)
-    return exit_status.value.code, capsys.readouterr().err
+from ganlab.sampling import sample
 
 
 def history_of(run_dir):
     return json.loads((run_dir / "history.json").read_text())
-
-
-def contents(directory):
-    return {p.relative_to(directory): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

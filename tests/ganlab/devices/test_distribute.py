@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from ganlab.devices import distribute
 import gan_mnist
 from conftest import REPO, run_script
+from ganlab.devices import distribute
 
 MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
 
@@ -92,14 +92,15 @@ def test_the_default_batches_train_on_3_and_8_replicas(tmp_path, mnist_dir, scri
 OVERFLOW_ON_ONE_REPLICA = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from ganlab import errors, distribute, gan, keras, tensorflow as tf
+from ganlab import keras, models, tf
+from ganlab.devices import distribute
 from types import SimpleNamespace
 distribute.split_cpu(2)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
 config = SimpleNamespace(lr=0.1, beta1=0.5, beta2=0.999, precision="fp16")
 results = {}
 for name, make in (("keras", lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.1))),
-                   ("guarded", lambda: gan.make_optimizer(config, [weight]))):
+                   ("guarded", lambda: models.make_optimizer(config, [weight]))):
     with strategy.scope():
         weight = keras.Variable([1.0, 2.0])
         optimizer = make()

@@ -6,8 +6,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from ganlab.run import loop
 import utils
+from ganlab.run import loop
 
 
 def test_prepare_images_scales_to_tanh_range_for_each_transform():

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ganlab import bench
 import dcgan_mnist
-from ganlab import errors
 import gan_mnist
-from ganlab.run import directory as run_directory
-from ganlab.sampling import sample
-from ganlab.devices import speed
-from ganlab.run import loop
 import utils
 from conftest import config_for
+from ganlab import bench, errors
+from ganlab.devices import speed
+from ganlab.run import directory as run_directory
+from ganlab.run import loop
+from ganlab.sampling import sample
 
 pytestmark = pytest.mark.usefixtures("float32_policy_afterwards")
 

@@ -8,12 +8,11 @@ import pytest
 import tensorflow as tf
 
 import dcgan_mnist
-from ganlab import errors
-from ganlab import models
 import gan_mnist
-from ganlab.run import loop
 import utils
 from conftest import parse
+from ganlab import errors, models
+from ganlab.run import loop
 
 QUICK = ["--conditional", "--epochs", "1", "--limit", "128", "--batch-size", "32", "--num-samples", "200"]
 

@@ -5,9 +5,9 @@ import re
 import pytest
 
 import dcgan_mnist
-from ganlab import errors
 import gan_mnist
 from conftest import parse, run_script
+from ganlab import errors
 
 
 def test_defaults_come_from_the_constants_at_the_top():

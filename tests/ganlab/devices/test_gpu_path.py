@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ganlab import bench, configurator
-from ganlab.devices import distribute
-from ganlab import errors
-from ganlab import models
 import gan_mnist
-from ganlab.devices import speed
 from conftest import REPO, parsed, run_script
+from ganlab import bench, configurator, errors, models
+from ganlab.devices import distribute, speed
 from ganlab.run.directory import RunDirectory
 
 sys.path.insert(0, str(REPO / "tests"))

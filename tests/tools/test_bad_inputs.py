@@ -16,9 +16,8 @@ import tensorflow as tf
 
 import dcgan_mnist
 import gan_mnist
+from conftest import QUICK, REPO, contents, fails, run_script, write_mnist
 from ganlab.run import loop
-from conftest import REPO, run_script, write_mnist
-from test_run_directory import QUICK, contents, fails
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from ganlab.sampling import evaluation
 import gan_mnist
-from ganlab.sampling import sample
 import utils
+from ganlab.sampling import evaluation, sample
 
 
 @pytest.fixture(scope="session")

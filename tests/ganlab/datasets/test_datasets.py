@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ganlab.datasets import cifar10
-from ganlab.datasets import downloads
-from ganlab import errors
 import utils
+from ganlab import errors
+from ganlab.datasets import cifar10, downloads
+
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
@@ -154,8 +154,8 @@ def test_cifar_download_with_a_wrong_checksum_leaves_nothing(tmp_path, monkeypat
 import imageio.v3 as iio  # noqa: E402
 
 import dcgan_mnist  # noqa: E402
-from ganlab.sampling import evaluation  # noqa: E402
 import gan_mnist  # noqa: E402
+from ganlab.sampling import evaluation  # noqa: E402
 
 QUICK = ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0"]
 

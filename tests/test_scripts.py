@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import dcgan_mnist
-from ganlab import errors
 import gan_mnist
+from ganlab import errors
 from ganlab.run import loop
 
 RUN_FILES = ("config.json", "real_samples.png", "random_samples.png", "history.json", "losses.png",
