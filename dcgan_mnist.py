@@ -28,7 +28,7 @@ import utils
 # None means "the value of the chosen --arch preset", from PRESETS below.
 # ------------------------------------------------------------------------------------------------
 # Architecture
-ARCH = "auto"  # preset: 28 (native 28x28), 32 (DCGAN_Tensorflow seed), 64 (znxlwm's); auto: 32 for CIFAR-10, else 28
+ARCH = "auto"  # preset: 28 (native 28x28), 32 (DCGAN_Tensorflow seed), 64 (znxlwm's); auto: nearest the data's side
 LATENT_DIM = None  # size of the noise vector z ~ N(0, I)
 KERNEL_SIZE = None  # side of every (transposed) convolution kernel
 LEAKY_SLOPE = 0.2  # slope of D's LeakyReLU for negative inputs (Radford et al.)
@@ -81,8 +81,9 @@ PRESETS = {
 
 
 def default_arch(config):
-    """--arch auto: CIFAR-10 trains at its native 32x32, as the seed did; the MNISTs at 28x28."""
-    return "32" if config.dataset == "cifar10" else "28"
+    """--arch auto: the preset nearest the data's own side: 28 for the MNISTs, 32 for CIFAR-10 (as the
+    seed did) and pictures up to 48 px, else Radford's 64x64."""
+    return "28" if config.data_side <= 30 else "32" if config.data_side <= 48 else "64"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def build_generator(config):
     # (N, S/2, S/2, c) -> (N, S, S, C): the image, tanh, no batch norm. The convolution computes in the
     # precision policy's type (under bf16 its one-channel output ran 1.7x faster than in float32, and
     # D casts its input to bf16 anyway); the tanh and the image are float32 under any precision.
-    layers += [keras.layers.Conv2DTranspose(utils.DATASETS[config.dataset].shape[-1], config.kernel_size,
+    layers += [keras.layers.Conv2DTranspose(config.data_shape[-1], config.kernel_size,
                                             strides=2, padding="same", kernel_initializer=weights()),
                keras.layers.Activation("tanh", dtype="float32")]
     return assemble(layers, (config.latent_dim,), config, "generator")
@@ -146,7 +147,7 @@ def build_discriminator(config):
         keras.layers.Flatten(),
         keras.layers.Dense(1, kernel_initializer=weights(), dtype="float32"),      # (N, 1) logit, float32
     ]
-    shape = (config.image_size, config.image_size, utils.DATASETS[config.dataset].shape[-1])
+    shape = (config.image_size, config.image_size, config.data_shape[-1])
     return assemble(layers, shape, config, "discriminator")
 
 
@@ -229,7 +230,7 @@ def main(argv=None, hooks=None):
     if strategy is None:  # --generate N, --interpolate or --evaluate on a trained run.
         return sample.generate_or_evaluate(config, run)
     distribute.print_devices(config)
-    transform = utils.transform_for(utils.DATASETS[config.dataset].shape[0], config.image_size)
+    transform = utils.transform_for(config.data_shape[0], config.image_size)
     data = utils.load_training_images(config, config.image_size, transform)  # uint8 (N, S, S, C), labels
     if config.benchmark:
         bench.benchmark(config, data, build_training, strategy=strategy)

@@ -58,7 +58,7 @@ def build_generator(config):
 
     With --conditional, G(z, y): the one-hot label y is concatenated to z.
     """
-    shape = utils.DATASETS[config.dataset].shape
+    shape = config.data_shape
     return assemble([                                         # (N, 100), or (N, 110) with y
         keras.layers.Dense(256),                                  # (N, 256)
         keras.layers.LeakyReLU(config.leaky_slope),
@@ -88,7 +88,7 @@ def build_discriminator(config):
         keras.layers.LeakyReLU(config.leaky_slope),
         keras.layers.Dropout(config.dropout),
         keras.layers.Dense(1, dtype="float32"),                   # (N, 1) logit; the sigmoid is in the loss
-    ], utils.DATASETS[config.dataset].shape, config, "discriminator", flatten=True)
+    ], config.data_shape, config, "discriminator", flatten=True)
 
 
 

@@ -23,10 +23,9 @@ from types import SimpleNamespace
 import imageio.v3 as iio
 import matplotlib
 import numpy as np
-import tensorflow as tf
 
-from ganlab.datasets import cifar10
-from ganlab.datasets import downloads
+from ganlab import tf  # TensorFlow, loaded with its start-up chatter muted
+from ganlab.datasets import cifar10, downloads, folder
 from ganlab.errors import DataError, UsageError
 
 matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
@@ -44,8 +43,7 @@ def add_flags(parser):
 
 def check_flags(config):
     """--classes names classes of --dataset: refused now, before any data is read."""
-    if config.dataset in DATASETS:
-        parse_classes(config.classes, config.dataset)
+    classes_in_play(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +237,14 @@ DATASETS = {
 }
 
 
-def parse_classes(text, dataset):
-    """`--classes` as sorted class indices: a comma-separated list of indices or names; '' means all."""
-    names = DATASETS[dataset].classes
+def parse_classes(text, class_names, dataset):
+    """`--classes` as sorted class indices: a comma-separated list of indices or names of `class_names`;
+    '' means all. A dataset without classes (a folder without subfolders) has one, 0."""
+    if not class_names:
+        if text.strip():
+            raise UsageError(f"argument --classes: {dataset} has no classes (a folder without class subfolders)")
+        return [0]
+    names = [name.lower().replace("_", " ") for name in class_names]
     if not text.strip():
         return list(range(len(names)))
     indices = set()
@@ -253,15 +256,28 @@ def parse_classes(text, dataset):
             indices.add(names.index(wanted))
         else:
             raise UsageError(f"argument --classes: {token!r} is not a {dataset} class; use 0..{len(names) - 1} "
-                             f"or one of {', '.join(names)}")
+                             f"or one of {', '.join(class_names)}")
     return sorted(indices)
 
 
+def classes_in_play(config):
+    """The class indices a run trains on: its --classes of its dataset's `class_names` (settings or a saved run)."""
+    return parse_classes(config.classes, config.class_names, config.dataset)
+
+
 def load_dataset(config, split="train", limit=0):
-    """The `config.dataset` split, kept to `config.classes`, then to the first `limit` images."""
-    images, labels = DATASETS[config.dataset].load(split, config.data_dir)
-    wanted = parse_classes(config.classes, config.dataset)
-    if len(wanted) < len(DATASETS[config.dataset].classes):
+    """The `config.dataset` split, kept to `config.classes`, then to the first `limit` images.
+
+    A folder (--dataset folder) is one set: its "train" split is all of it, at `config.data_shape`.
+    """
+    if config.dataset == "folder":
+        side, _, channels = config.data_shape
+        subset = len(classes_in_play(config)) < max(len(config.class_names), 1)
+        images, labels = folder.load(folder.probe(config.data_dir), side, channels, 0 if subset else limit)
+    else:
+        images, labels = DATASETS[config.dataset].load(split, config.data_dir)
+    wanted = classes_in_play(config)
+    if len(wanted) < max(len(config.class_names), 1):
         keep = np.isin(labels, wanted)
         images, labels = images[keep], labels[keep]
     return _apply_limit(images, labels, limit)

@@ -25,6 +25,7 @@ import utils
 from ganlab import bench
 from ganlab.devices import distribute, speed
 from ganlab.errors import DataError, UsageError, flag
+from ganlab.datasets import folder
 from ganlab.run import directory as run_directory
 from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
@@ -42,7 +43,8 @@ _CHECKS = {
     "sample_grid": (lambda v: 1 <= v <= 32, "must be an integer from 1 to 32"),
     "limit": (lambda v: v >= 0, "must be 0 (all images) or a positive number of images"),
     "eval_every": (lambda v: v >= 0, "must be 0 (no evaluation) or a positive number of epochs"),
-    "dataset": (lambda v: v in ("mnist", "fashion_mnist", "cifar10"), "must be mnist, fashion_mnist or cifar10"),
+    "dataset": (lambda v: v in ("mnist", "fashion_mnist", "cifar10", "folder"),
+                "must be mnist, fashion_mnist, cifar10 or folder (your own pictures, in --data-dir)"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "must be a positive number"),
     "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -122,8 +124,8 @@ def resolve(script_path, namespace, argv=None, description=None, presets=None, a
     if values["chief"] and not values["benchmark"]:
         run.check_start(values["resume"], values["overwrite"])
     saved = run.read_config() if values["resume"] and not values["benchmark"] else {}
-    if saved:
-        values |= saved_settings(run, saved, values)
+    if saved:  # Its architecture and data, as it trained (--arch, --dataset), not the command line's defaults.
+        values = _data_and_preset(values | saved_settings(run, saved, values), presets, auto_preset)
     settings = freeze(with_devices(values, saved.get("precision", "fp32"), default_steps_per_call))
     strategy = distribute.create(settings)
     return settings, run if settings.chief else run_directory.worker_directory(settings.task, run), strategy
@@ -138,6 +140,10 @@ def with_devices(values, saved_precision="fp32", default_steps_per_call=1):
     values |= speed.choose(values, saved_precision, default_steps_per_call)
     if not values["chief"]:
         values["eval_every"] = 0  # The chief scores the run.
+    if values["eval_every"] and len(values["class_names"]) < 2:
+        print(f"No evaluation: {values['data_dir']} has no class subfolders (two or more), and the Fréchet distance "
+              f"and the other figures come from a classifier of its classes; the grids, losses and GIF still come")
+        values["eval_every"] = 0
     if values["batch_size"] < values["replicas"]:
         raise UsageError(f"argument --batch-size: {values['batch_size']} is smaller than the {values['replicas']} "
                          f"replicas of --distribute {values['distribute']}, each of which needs an image")
@@ -180,12 +186,7 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
     values |= dict(script=script_name, hyperparameters=tuple(names),
                    explicit=frozenset(key for key in names if flag(key) in given
                                       or flag(key).replace("--", "--no-") in given))
-    if presets:
-        if auto_preset and values["arch"] == "auto":
-            values["arch"] = auto_preset(freeze(values))
-        preset = presets[values["arch"]]
-        values |= {key: value for key, value in preset.items() if key not in names or values[key] is None}
-    values = COMMON | values | UNRESOLVED
+    values = _data_and_preset(values | UNRESOLVED, presets, auto_preset)
     _check_hyperparameters(values)
     checked = freeze(values)  # Checks only check.
     for group in (utils, run_directory, loop, sample, speed, distribute, bench):
@@ -193,6 +194,52 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
     values["out"] = run_directory.default_out(values["out"], script_name)
     values["batch_sizes"] = bench.batch_sizes(values["batch_sizes"])
     return values
+
+
+def _data_and_preset(values, presets, auto_preset):
+    """`values` with the data's fields (`_data`) and the preset's: `--arch auto` chosen by
+    `auto_preset(settings)`, the constants left None and the architecture (`g_start`, ...) from
+    `presets[arch]`, COMMON where neither the script nor the preset sets a field; then `data_shape`."""
+    values = values | {key: value for key, value in COMMON.items() if key not in values["hyperparameters"]}
+    values |= _data(values)
+    if presets:
+        if auto_preset and values["arch"] == "auto":
+            values["arch"] = auto_preset(freeze(values))
+            if values["dataset"] == "folder":
+                print(f"--arch auto: {values['arch']}, the preset nearest the pictures' own side "
+                      f"(their median shorter side: {values['data_side']} px)")
+        if values["arch"] not in presets:
+            raise UsageError(f"argument --arch: {values['arch']} is not a preset ({', '.join(presets)})")
+        values |= {key: value for key, value in presets[values["arch"]].items()
+                   if key not in values["hyperparameters"] or values[key] is None}
+    return values | {"data_shape": _data_shape(values)}
+
+
+def _data(values):
+    """The data's own side (`data_side`), channels and `class_names`: a named dataset's, or a folder's from
+    its images' headers (ganlab/datasets/folder.py). Before the preset: --arch auto follows the side."""
+    check, requirement = _CHECKS["dataset"]
+    if not check(values["dataset"]):
+        raise UsageError(f"argument --dataset: {requirement}, got {values['dataset']}")
+    if values["dataset"] != "folder":
+        height, _, channels = utils.DATASETS[values["dataset"]].shape
+        return dict(data_side=height, data_channels=channels, class_names=tuple(utils.DATASETS[values["dataset"]].classes))
+    if not values["data_dir"]:
+        raise UsageError("argument --data-dir: --dataset folder trains on the pictures in --data-dir; name the folder")
+    found = folder.probe(values["data_dir"])
+    if values["conditional"] and not found.class_names:
+        raise UsageError(f"argument --conditional: {found.root} has no class subfolders, so no labels to condition "
+                         f"on; put each class's pictures in a subfolder of its own")
+    return dict(data_side=found.side, data_channels=found.channels, class_names=found.class_names)
+
+
+def _data_shape(values):
+    """The shape (S, S, C) the dataset is read in: a named dataset's own; a folder's pictures at the preset's
+    side (the fully-connected GAN, without presets: 28, or 32 for pictures larger than 30 px)."""
+    if values["dataset"] != "folder":
+        return tuple(utils.DATASETS[values["dataset"]].shape)
+    side = values["image_size"] if values["arch"] else 28 if values["data_side"] <= 30 else 32
+    return (side, side, values["data_channels"])
 
 
 def saved_settings(run, saved, values):
@@ -222,9 +269,12 @@ def saved_settings(run, saved, values):
                 differences.append(f"{flag(key)} {values[key]} (the run has {saved[key]})")
         else:
             changes[key] = saved[key]
+    if changes.get("dataset", values["dataset"]) == "folder" and not values["data_dir"]:
+        changes["data_dir"] = saved.get("data_dir")  # The run's own pictures, unless --data-dir names them anew.
     if "classes" in saved:
         try:
-            utils.parse_classes(saved["classes"], changes.get("dataset", values["dataset"]))
+            utils.parse_classes(saved["classes"], _data(values | changes)["class_names"],
+                                changes.get("dataset", values["dataset"]))
         except UsageError as error:
             raise DataError(f"{run.config}: \"classes\" is {json.dumps(saved['classes'])}: "
                             f"{str(error).split(': ', 1)[-1]}; correct it, or start a new run with --out") from None

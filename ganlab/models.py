@@ -17,7 +17,7 @@ import utils
 
 def class_count(config):
     """How many classes the dataset has (the size of a conditional model's one-hot label)."""
-    return len(utils.DATASETS[config.dataset].classes)
+    return max(len(config.class_names), 1)
 
 
 def one_hot(labels, config):
@@ -28,7 +28,7 @@ def one_hot(labels, config):
 def balanced_labels(count, config, start=0):
     """`count` labels cycling through the classes in play (--classes), so every class gets its share;
     from position `start` of that cycle, so that batches drawn one after another continue it."""
-    classes = np.array(utils.parse_classes(config.classes, config.dataset), np.int32)
+    classes = np.array(utils.classes_in_play(config), np.int32)
     return classes[np.arange(start, start + count) % len(classes)]
 
 
@@ -60,7 +60,7 @@ def label_helpers(config, rng):
     the last included), and `conditioned(x, labels)`, the input a model takes ([x, one-hot labels]
     when conditional). Unconditional: no labels are drawn and `conditioned` passes x through."""
     conditional = config.conditional
-    classes = tf.constant(utils.parse_classes(config.classes, config.dataset), tf.int32)
+    classes = tf.constant(utils.classes_in_play(config), tf.int32)
     count = class_count(config)
 
     def random_labels(n):

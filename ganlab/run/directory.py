@@ -27,7 +27,7 @@ from ganlab.errors import REPO_DIR, DataError, UsageError
 # --resume and --overwrite never take another program's files for one.
 FORMAT = "tf2-gan-mnist run 1"
 SCRIPTS = ("gan_mnist", "dcgan_mnist")
-DATASETS = ("mnist", "fashion_mnist", "cifar10")
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 
 
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.index$")

@@ -129,8 +129,7 @@ def train(config, run, data, build_training, transform="none", hooks=None, strat
     hooks = hooks or Hooks()
     with run.create(config.overwrite or config.restart):  # One training process at a time.
         images, labels = data
-        evaluator = (sample.load_evaluator(config.dataset, config.data_dir, config.classes)
-                     if config.eval_every else None)
+        evaluator = sample.load_evaluator(config) if config.eval_every else None
         sizes = model_sizes(config)  # Named if memory runs out.
         with out_of_memory("building the models", sizes):
             state = start_or_restore(config, run, build_training, hooks, len(images) // config.batch_size, strategy)
@@ -267,7 +266,8 @@ def resolved_config(config):
     resolved.update(script=config.script, out=str(config.out), data_dir=config.data_dir,
                     num_samples=config.num_samples, precision=config.precision, xla=config.xla,
                     steps_per_call=config.steps_per_call, checkpoint_minutes=config.checkpoint_minutes,
-                    deterministic=config.deterministic)
+                    deterministic=config.deterministic, data_shape=list(config.data_shape),
+                    class_names=list(config.class_names))
     return resolved
 
 

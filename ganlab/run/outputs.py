@@ -183,7 +183,7 @@ def grid_inputs(config, noise):
     """
     if not config.conditional:
         return noise, None, config.sample_grid
-    classes = utils.parse_classes(config.classes, config.dataset)
+    classes = utils.classes_in_play(config)
     columns = noise[:config.sample_grid]
     rows = np.repeat(np.array(classes, np.int32), len(columns))
     return np.tile(columns, (len(classes), 1)), models.one_hot(rows, config), len(columns)

@@ -54,8 +54,8 @@ def check_images(images, shape=(28, 28, 1)):
     return images
 
 
-def build_classifier(shape=(28, 28, 1)):
-    """The classifier: two conv blocks and a 128-unit feature layer (the FID features)."""
+def build_classifier(shape=(28, 28, 1), classes=CLASSES):
+    """The classifier of `classes` classes: two conv blocks and a 128-unit feature layer (the FID features)."""
     height, width, _ = shape
     return keras.Sequential([
         keras.Input(shape),                                                # (N, H, W, C) in [0, 1]
@@ -69,7 +69,7 @@ def build_classifier(shape=(28, 28, 1)):
         keras.layers.Dropout(0.3),
         keras.layers.Dense(128, activation="relu", name="features"),       # (N, 128): the FID features
         keras.layers.Dropout(0.3),
-        keras.layers.Dense(CLASSES, name="logits"),                        # (N, 10)
+        keras.layers.Dense(classes, name="logits"),                        # (N, classes)
     ], name="classifier")
 
 
@@ -93,7 +93,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, epoch
     """Train the classifier deterministically (fixed seed, fixed order); return (model, test accuracy)."""
     keras.utils.set_random_seed(seed)
     shape = _shape_of(train_images)
-    model = build_classifier(shape)
+    model = build_classifier(shape, int(max(train_labels.max(), test_labels.max())) + 1)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     order = np.random.default_rng(seed)
@@ -111,7 +111,7 @@ class Evaluator:
     def __init__(self, classifier, reference_mean, reference_cov, floor, test_accuracy, classes=None):
         self.classifier = classifier
         self.shape = tuple(classifier.inputs[0].shape[1:])
-        self.classes = list(range(CLASSES)) if classes is None else list(classes)
+        self.classes = list(range(classifier.outputs[0].shape[-1])) if classes is None else list(classes)
         self.reference_mean = reference_mean
         self.reference_cov = reference_cov
         self.floor = floor
@@ -146,7 +146,7 @@ class Evaluator:
         if requested is not None:
             requested = np.asarray(requested)
             correct = probabilities.argmax(axis=1) == requested
-            names = class_names or [str(c) for c in range(CLASSES)]
+            names = class_names or [str(c) for c in range(probabilities.shape[1])]
             figures["label_accuracy"] = float(correct.mean())
             figures["label_accuracy_per_class"] = {names[c]: round(float(correct[requested == c].mean()), 4)
                                                    for c in sorted(set(requested.tolist()))}
@@ -194,7 +194,7 @@ class Evaluator:
             finally:
                 for path in temporary.values():
                     path.unlink(missing_ok=True)
-        if classes is not None and sorted(classes) != list(range(CLASSES)):
+        if classes is not None and sorted(classes) != list(range(evaluator.classifier.outputs[0].shape[-1])):
             evaluator.classes = sorted(classes)
             evaluator._set_reference(train_images[np.isin(train_labels, classes)],
                                      test_images[np.isin(test_labels, classes)])
@@ -255,9 +255,10 @@ def mode_coverage(probabilities, classes=None):
     play) of the predicted labels. The KL is that of the histogram over the classes in play
     (renormalised) from uniform; `off_classes` is the fraction predicted as any other class.
     """
-    classes = list(range(CLASSES)) if classes is None else list(classes)
-    predicted = np.asarray(probabilities).argmax(axis=1)
-    histogram = np.bincount(predicted, minlength=CLASSES) / len(predicted)
+    probabilities = np.asarray(probabilities)
+    classes = list(range(probabilities.shape[1])) if classes is None else list(classes)
+    predicted = probabilities.argmax(axis=1)
+    histogram = np.bincount(predicted, minlength=probabilities.shape[1]) / len(predicted)
     in_play = histogram[classes]
     covered = int(np.sum(in_play >= FAIR_SHARE / len(classes)))
     share = in_play / in_play.sum() if in_play.sum() else np.zeros_like(in_play)

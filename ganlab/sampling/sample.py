@@ -132,6 +132,9 @@ def load_trained_generator(run, writes=None):
     saved.setdefault("dataset", "mnist")
     saved.setdefault("classes", "")
     saved.setdefault("conditional", False)
+    if saved["dataset"] in utils.DATASETS:  # Runs from before folders: the dataset's own.
+        saved.setdefault("class_names", list(utils.DATASETS[saved["dataset"]].classes))
+        saved.setdefault("data_shape", list(utils.DATASETS[saved["dataset"]].shape))
     return generator, SimpleNamespace(**saved)
 
 
@@ -172,16 +175,25 @@ def check_cache_dir():
                         f"set GAN_MNIST_CACHE to a writable directory") from None
 
 
-def load_evaluator(dataset="mnist", data_dir=None, classes=""):
-    """The sample-quality evaluator for `dataset` (and its --classes): the classifier is trained once
-    per dataset (minutes) and cached."""
+def load_evaluator(config):
+    """The sample-quality evaluator for `config`'s dataset and --classes (the settings, or a trained run's):
+    its classifier is trained once per dataset (minutes) and cached. A folder has no test split: its
+    classifier trains on nine tenths of it, and the held-out tenth (every tenth image) is the
+    reference the samples are compared with."""
     check_cache_dir()  # Before minutes of loading and training, not after them.
-    config = SimpleNamespace(dataset=dataset, data_dir=data_dir, classes="")
-    train_images, train_labels = utils.load_dataset(config, "train")
-    test_images, test_labels = utils.load_dataset(config, "test")
+    whole = SimpleNamespace(dataset=config.dataset, data_dir=config.data_dir, classes="", limit=0,
+                            class_names=config.class_names, data_shape=config.data_shape)
+    if config.dataset == "folder":
+        images, labels = utils.load_dataset(whole, "train")
+        held_out = np.arange(len(images)) % 10 == 9
+        train_images, train_labels, test_images, test_labels = (images[~held_out], labels[~held_out],
+                                                                images[held_out], labels[held_out])
+    else:
+        train_images, train_labels = utils.load_dataset(whole, "train")
+        test_images, test_labels = utils.load_dataset(whole, "test")
     try:
         return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels,
-                                                  classes=utils.parse_classes(classes, dataset))
+                                                  classes=utils.classes_in_play(config))
     except OSError as error:
         raise DataError(f"{cache_dir()}: cannot use the classifier cache ({error.strerror or error}); "
                         f"set GAN_MNIST_CACHE to a writable directory") from None
@@ -199,9 +211,9 @@ def evaluate_generator(evaluator, generator, count, seed, transform, config):
     noise = np.random.default_rng(seed + 2).standard_normal((count, latent_dim)).astype(np.float32)
     requested = balanced_labels(count, config)
     samples = utils.to_dataset_uint8(sample_images(generator, noise, one_hot(requested, config)), transform,
-                               utils.DATASETS[config.dataset].shape[0])
+                                     config.data_shape[0])
     conditional = len(generator.inputs) == 2
-    figures = evaluator.evaluate(samples, requested if conditional else None, utils.DATASETS[config.dataset].classes)
+    figures = evaluator.evaluate(samples, requested if conditional else None, list(config.class_names))
     figures["seconds"] = round(time.perf_counter() - start, 2)
     return figures
 
@@ -209,7 +221,10 @@ def evaluate_generator(evaluator, generator, count, seed, transform, config):
 def evaluate_run(config, run):
     """Score a trained run's generator on `config.num_samples` samples; print and save the figures."""
     generator, saved = load_trained_generator(run, "evaluation.json")
-    evaluator = load_evaluator(saved.dataset, config.data_dir, saved.classes)
+    if len(saved.class_names) < 2:
+        raise UsageError(f"argument --evaluate: the run in {run.path} trained on pictures without class subfolders, "
+                         f"and the figures come from a classifier of the classes")
+    evaluator = load_evaluator(SimpleNamespace(**vars(saved) | {"data_dir": config.data_dir or saved.data_dir}))
     figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved.transform, saved)
     utils.save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
                                "classifier_test_accuracy": evaluator.test_accuracy})
@@ -228,7 +243,7 @@ def _requested_labels(config, saved, count, start=0):
     if not saved.conditional:
         raise UsageError("argument --label: this run is not conditional (trained without --conditional), "
                          "so it cannot be asked for a class")
-    classes = utils.parse_classes(saved.classes, saved.dataset)
+    classes = utils.classes_in_play(saved)
     if config.label not in classes:
         raise UsageError(f"argument --label: {config.label} is not a class this run was trained on "
                          f"({', '.join(map(str, classes))})")
@@ -254,7 +269,7 @@ def interpolate(config, run, frames=48, points=4):
         noise = (1 - weight) * anchors[low] + weight * anchors[low + 1]
         pictures.append(utils.image_grid(sample_images(generator, noise, labels), columns))
     if len(generator.inputs) == 2:
-        classes = utils.parse_classes(saved.classes, saved.dataset)
+        classes = utils.classes_in_play(saved)
         eye = one_hot(classes + classes[:1], saved)
         for t in np.linspace(0, len(classes), frames, endpoint=False):
             low, fraction = int(t), t - int(t)
@@ -282,7 +297,7 @@ def generate(config, run, batch_size=1000):
     generator, saved = load_trained_generator(run, "generated_samples.png")
     if config.samples_npz:
         check_writable(Path(config.samples_npz).resolve().parent, "--samples-npz")
-    native_size, channels = utils.DATASETS[saved.dataset].shape[0], utils.DATASETS[saved.dataset].shape[-1]
+    native_size, channels = saved.data_shape[0], saved.data_shape[-1]
     if config.samples_npz:
         check_npz_space(config.samples_npz, config.generate * native_size ** 2 * channels)
     # Without --samples-npz only the grid's samples are written: the rest would be drawn for nothing.
@@ -297,7 +312,7 @@ def generate(config, run, batch_size=1000):
             yield sample_images(generator, noise.astype(np.float32), one_hot(labels, saved))
 
     shown = []
-    npz = NpzImageWriter(config.samples_npz, (count, native_size, native_size, utils.DATASETS[saved.dataset].shape[-1])
+    npz = NpzImageWriter(config.samples_npz, (count, native_size, native_size, channels)
                          ) if config.samples_npz else contextlib.nullcontext()
     with npz:
         for start, samples in zip(range(0, count, batch_size), batches()):

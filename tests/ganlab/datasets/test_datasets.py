@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import tarfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -155,6 +154,7 @@ import imageio.v3 as iio  # noqa: E402
 
 import dcgan_mnist  # noqa: E402
 import gan_mnist  # noqa: E402
+from conftest import parse  # noqa: E402
 from ganlab.sampling import evaluation  # noqa: E402
 
 QUICK = ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0"]
@@ -187,10 +187,10 @@ def test_each_script_trains_on_each_dataset(tmp_path, fashion_dir, cifar_dir, mo
 
 
 def test_classes_filter_by_name_and_index(cifar_dir, capsys):
-    config = SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile, 9")
+    config = parse(gan_mnist, "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--classes", "automobile, 9")
     images, labels = utils.load_dataset(config, "test")
     assert sorted(set(labels.tolist())) == [1, 9] and len(images) == 2000
-    config = SimpleNamespace(dataset="cifar10", data_dir=cifar_dir, classes="automobile")
+    config = parse(gan_mnist, "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--classes", "automobile")
     assert len(utils.load_dataset(config, "train")[0]) == 5000
     with pytest.raises(SystemExit) as exit_status:
         errors.run_main(gan_mnist.main, ["--dataset", "cifar10", "--classes", "unicorn"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gan_mnist
+from conftest import parse
 import utils
 from ganlab.sampling import evaluation, sample
 
@@ -14,7 +15,7 @@ from ganlab.sampling import evaluation, sample
 @pytest.fixture(scope="session")
 def evaluator(mnist_dir):
     """The cached evaluator (trained once per machine, about two minutes, then loaded in a second)."""
-    return sample.load_evaluator("mnist", mnist_dir)
+    return sample.load_evaluator(parse(gan_mnist, "--data-dir", str(mnist_dir)))
 
 
 @pytest.fixture(scope="session")

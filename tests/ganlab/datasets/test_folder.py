@@ -1,0 +1,239 @@
+"""A folder of pictures as a dataset (ganlab/datasets/folder.py), built from the real MNIST and CIFAR-10 images."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dcgan_mnist
+import gan_mnist
+import utils
+from conftest import REPO, contents, fails
+from ganlab.datasets import cifar10, folder
+
+QUICK = ["--epochs", "1", "--batch-size", "32", "--eval-every", "0"]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test decodes into a cache of its own (the classifier's cache stays the machine's)."""
+    monkeypatch.setattr(folder, "cache_root", lambda: tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def mnist_train(mnist_dir):
+    images, labels = utils.load_mnist("train", mnist_dir)
+    return images[:400, ..., None], labels[:400]
+
+
+def write_pngs(directory, images, labels=None, names=None):
+    """`images` as PNGs named by index (00000.png, ...), in a subfolder per class (`names[label]`) if `labels`."""
+    for index, image in enumerate(images):
+        target = directory / (names or [str(c) for c in range(10)])[labels[index]] if labels is not None else directory
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.squeeze()).save(target / f"{index:05d}.png")
+    return directory
+
+
+def png_bytes(array, mode=None, format="PNG", **options):
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def test_a_folder_of_mnist_pngs_trains_into_the_same_uint8_array_as_its_idx_images(tmp_path, mnist_train):
+    images, labels = mnist_train
+    classes = write_pngs(tmp_path / "classes", images, labels)
+    found = folder.probe(classes)
+    assert found.class_names == tuple(str(c) for c in range(10)) and (found.channels, found.side) == (1, 28)
+    decoded, decoded_labels = folder.load(found, 28, 1)
+    order = np.argsort(labels, kind="stable")  # The stated order: class by class, each by file name.
+    np.testing.assert_array_equal(decoded, images[order])
+    np.testing.assert_array_equal(decoded_labels, labels[order])
+    flat = folder.probe(write_pngs(tmp_path / "flat", images))
+    assert flat.class_names == () and set(flat.labels) == {0}
+    np.testing.assert_array_equal(folder.load(flat, 28, 1)[0], images)  # Unlabelled: in file-name order.
+
+
+def test_every_kind_of_bad_file_is_skipped_and_named_in_one_line(tmp_path, mnist_train, capsys):
+    images, _ = mnist_train
+    root = write_pngs(tmp_path / "pictures", images[:20])
+    good = png_bytes(images[0].squeeze())
+    for name, data in {".hidden.png": good, ".DS_Store": b"\0\0\0\1Bud1", "Thumbs.db": b"\xd0\xcf\x11\xe0",
+                       "notes.txt": b"not a picture"}.items():  # Passed over in silence.
+        (root / name).write_bytes(data)
+    bad = {"empty.png": b"", "truncated.png": good[:len(good) // 2], "corrupt.png": os.urandom(3000),
+           "liar.png": png_bytes(images[1].squeeze(), format="JPEG"),
+           "bomb.png": png_bytes(np.zeros((13400, 13400), bool), "1")}  # Over twice Pillow's 89.5 Mpixel limit.
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    found = folder.probe(root)
+    decoded, _ = folder.load(found, 28, 1)
+    assert len(decoded) == 20
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "skipped" in line)
+    assert "skipped 5 of 25 files" in line
+    for name, reason in {"empty.png": "empty", "truncated.png": "truncated", "corrupt.png": "not an image",
+                         "liar.png": "a JPEG file named .png", "bomb.png": "decompression-bomb"}.items():
+        assert name in line and reason in line, (name, line)
+    assert not any(name in out for name in (".hidden.png", ".DS_Store", "Thumbs.db", "notes.txt"))
+
+
+def test_pictures_of_every_kind_are_converted_as_stated(tmp_path):
+    root = tmp_path / "kinds"
+    root.mkdir()
+    red = np.zeros((40, 60, 3), np.uint8)
+    red[..., 0] = 255
+    transparent = np.zeros((30, 30, 4), np.uint8)  # Fully transparent: the white background shows.
+    (root / "a_rgba.png").write_bytes(png_bytes(transparent, "RGBA"))
+    Image.fromarray(red).convert("CMYK").save(root / "b_cmyk.jpg", quality=95)
+    (root / "c_16bit.png").write_bytes(png_bytes(np.full((30, 30), 65535, np.uint16)))
+    Image.fromarray(red).convert("P").save(root / "d_palette.png")
+    frames = [Image.fromarray(np.full((30, 30, 3), value, np.uint8)) for value in (10, 200)]
+    frames[0].save(root / "e_animated.gif", save_all=True, append_images=frames[1:])
+    tall = np.zeros((60, 30, 3), np.uint8)
+    tall[:30] = 255  # White on top: rotated 90 degrees by its EXIF orientation (6), white goes to the right.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(tall).save(root / "f_rotated.jpg", exif=exif, quality=95)
+    found = folder.probe(root)
+    assert found.channels == 3 and found.class_names == ()
+    images, _ = folder.load(found, 30, 3)
+    rgba, cmyk, deep, palette, animated, rotated = images.astype(int)
+    assert (rgba == 255).all()  # Composited on white.
+    assert abs(cmyk[..., 0].mean() - 255) < 8 and cmyk[..., 1:].mean() < 8  # Red, back from CMYK.
+    assert (deep == 255).all()  # 16-bit white is 8-bit white, not clipped noise.
+    assert (palette[..., 0] > 240).all() and (palette[..., 1:] < 15).all()
+    assert abs(animated.mean() - 10) < 3  # The first frame.
+    assert rotated[:, 20:].mean() > 200 and rotated[:, :10].mean() < 50  # Orientation applied, then centre-cropped.
+
+
+def test_a_folder_without_a_usable_image_or_with_an_empty_class_is_one_line(tmp_path, mnist_train, capsys):
+    images, labels = mnist_train
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no pictures here")
+    status, error = fails(gan_mnist, ["--dataset", "folder", "--data-dir", str(empty)] + QUICK, capsys)
+    assert status == 1 and "no usable image" in error and len(error.strip().splitlines()) == 1
+    classes = write_pngs(tmp_path / "classes", images[:20], labels[:20])
+    (classes / "zz_empty").mkdir()
+    (classes / "zz_empty" / "broken.png").write_bytes(b"")
+    status, error = fails(gan_mnist, ["--dataset", "folder", "--data-dir", str(classes)] + QUICK, capsys)
+    assert status == 1 and "zz_empty: a class folder with no usable image" in error
+    assert len(error.strip().splitlines()) == 1
+    status, error = fails(gan_mnist, ["--dataset", "folder"] + QUICK, capsys)
+    assert status == 2 and "--data-dir" in error
+
+
+def test_a_symlink_loop_ends_and_nothing_in_the_folder_is_written(tmp_path, mnist_train, mnist_dir):
+    images, labels = mnist_train
+    root = write_pngs(tmp_path / "pictures", images[:64], labels[:64] % 2, names=["even", "odd"])
+    (root / "even" / "loop").symlink_to(root, target_is_directory=True)  # pictures/even/loop -> pictures
+    (root / "odd" / "self").symlink_to(root / "odd", target_is_directory=True)
+    before = contents(root / "even") | contents(root / "odd")
+    result = subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--dataset", "folder", "--data-dir",
+                             str(root), "--out", str(tmp_path / "run"), *QUICK], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env=dict(os.environ, GAN_MNIST_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "64 images" in result.stdout  # Each picture once, through the loops too.
+    assert contents(root / "even") | contents(root / "odd") == before
+    assert sorted(p.name for p in root.iterdir()) == ["even", "odd"]
+
+
+def test_the_cache_is_reused_rebuilt_after_a_change_and_ignored_when_damaged(tmp_path, mnist_train, monkeypatch,
+                                                                            capsys):
+    images, labels = mnist_train
+    root = write_pngs(tmp_path / "pictures", images[:50], labels[:50])
+    first = folder.load(folder.probe(root), 28, 1)[0]
+    real_decode = folder.decode
+    monkeypatch.setattr(folder, "decode", lambda *args: pytest.fail("decoded again, the cache unused"))
+    np.testing.assert_array_equal(folder.load(folder.probe(root), 28, 1)[0], first)
+    monkeypatch.setattr(folder, "decode", real_decode)
+    Image.fromarray(images[60].squeeze()).save(root / "3" / "zz_new.png")  # The folder changes.
+    capsys.readouterr()
+    grown = folder.load(folder.probe(root), 28, 1)[0]
+    assert len(grown) == 51 and "changed since it was decoded; decoding it again" in capsys.readouterr().out
+    caches = sorted((tmp_path / "cache" / "folders").glob("*-28x1-51.npz"))
+    assert len(caches) == 1
+    caches[0].write_bytes(caches[0].read_bytes()[:1000])  # Damaged: cut short.
+    again = folder.load(folder.probe(root), 28, 1)[0]
+    assert "cache is damaged" in capsys.readouterr().out
+    np.testing.assert_array_equal(again, grown)
+    assert not list((tmp_path / "cache" / "folders").glob(".*tmp*"))  # No temporary is left behind.
+
+
+def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, mnist_train, monkeypatch, capsys):
+    images, labels = mnist_train
+    root = write_pngs(tmp_path / "pictures", images[:40], labels[:40])
+    monkeypatch.setattr(utils, "available_memory", lambda: 40_000)  # Half of it is less than 40 x 784 bytes.
+    monkeypatch.setattr(folder, "decode", lambda *args: pytest.fail("decoded before the size was checked"))
+    status, error = fails(gan_mnist, ["--dataset", "folder", "--data-dir", str(root)] + QUICK, capsys)
+    assert status == 1 and "40 images at 28x28x1 need" in error and "--limit" in error
+
+
+def test_a_conditional_run_on_a_class_folder_draws_a_row_per_class(tmp_path, mnist_train, capsys):
+    images, labels = mnist_train
+    keep = labels < 3
+    root = write_pngs(tmp_path / "pictures", images[keep][:96], labels[keep][:96], names=["zero", "one", "two"])
+    run_dir = tmp_path / "run"
+    dcgan_mnist.main(["--dataset", "folder", "--data-dir", str(root), "--conditional", "--out", str(run_dir),
+                      "--classes", "zero,two"] + QUICK)
+    grid = np.asarray(Image.open(run_dir / "epoch_001.png"))
+    assert grid.shape[0] == 2 * (28 + 2) + 2  # A row for each class in play: zero and two.
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["class_names"] == ["one", "two", "zero"]  # Subfolders sorted by name.
+    status, error = fails(dcgan_mnist, ["--dataset", "folder", "--data-dir", str(root), "--classes", "three",
+                                        "--out", str(tmp_path / "other")] + QUICK, capsys)
+    assert status == 2 and "'three' is not a folder class" in error and "one, two, zero" in error
+    flat = write_pngs(tmp_path / "flat", images[:40])
+    status, error = fails(dcgan_mnist, ["--dataset", "folder", "--data-dir", str(flat), "--conditional"] + QUICK,
+                          capsys)
+    assert status == 2 and "no class subfolders" in error
+
+
+def test_both_scripts_train_resume_generate_and_evaluate_on_a_folder(tmp_path, mnist_train, capsys):
+    images, labels = mnist_train
+    root = write_pngs(tmp_path / "pictures", images, labels)
+    run_dir = tmp_path / "gan"
+    flags = ["--num-samples", "200", "--batch-size", "50"]
+    gan_mnist.main(["--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--out", str(run_dir)] + flags)
+    assert json.loads((run_dir / "metrics.json").read_text())["figures"]["classes"] == 10
+    gan_mnist.main(["--out", str(run_dir), "--resume", "--epochs", "2"] + flags)  # The folder from config.json.
+    assert [e["epoch"] for e in json.loads((run_dir / "history.json").read_text())["epochs"]] == [1, 2]
+    gan_mnist.main(["--out", str(run_dir), "--generate", "12", "--samples-npz", str(tmp_path / "s.npz")])
+    assert np.load(tmp_path / "s.npz")["images"].shape == (12, 28, 28)
+    gan_mnist.main(["--out", str(run_dir), "--evaluate", "--num-samples", "200"])
+    assert (run_dir / "evaluation.json").is_file()
+    flat = write_pngs(tmp_path / "flat", images[:100])
+    dcgan_mnist.main(["--dataset", "folder", "--data-dir", str(flat), "--out", str(tmp_path / "dcgan"),
+                      "--epochs", "1", "--batch-size", "50"])
+    out = capsys.readouterr().out
+    assert "No evaluation: " in out and (tmp_path / "dcgan" / "progress.gif").is_file()
+    assert not (tmp_path / "dcgan" / "metrics.json").exists()
+    status, error = fails(dcgan_mnist, ["--out", str(tmp_path / "dcgan"), "--evaluate"], capsys)
+    assert status == 2 and "without class subfolders" in error
+
+
+def test_arch_auto_picks_the_preset_nearest_the_pictures_side(tmp_path, cifar_dir, capsys):
+    images, labels = cifar10.load("train", cifar_dir, limit=200)
+    cars = images[labels == 1][:64]
+    root = write_pngs(tmp_path / "cars", cars)
+    found = folder.probe(root)
+    assert (found.channels, found.side) == (3, 32)
+    config = dcgan_mnist.configurator.freeze(dcgan_mnist.configurator.parse(
+        dcgan_mnist.__file__, vars(dcgan_mnist), ["--dataset", "folder", "--data-dir", str(root)],
+        presets=dcgan_mnist.PRESETS, auto_preset=dcgan_mnist.default_arch))
+    assert (config.arch, config.data_shape) == ("32", (32, 32, 3))
+    assert "--arch auto: 32" in capsys.readouterr().out
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.kron(cars[0], np.ones((8, 8, 1), np.uint8))).save(big / "a.png")  # 256 x 256
+    Image.fromarray(np.kron(cars[1], np.ones((8, 8, 1), np.uint8))).save(big / "b.png")
+    assert dcgan_mnist.default_arch(type("Settings", (), {"data_side": folder.probe(big).side})) == "64"
+    decoded, _ = folder.load(folder.probe(root), 32, 3)
+    np.testing.assert_array_equal(decoded, cars)  # At their own size, colour pictures come back exactly too.
