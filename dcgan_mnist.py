@@ -17,8 +17,8 @@ with which it learned faster. Samples come from an exponential moving average of
 from ganlab import keras, tf  # TensorFlow and Keras, loaded with their start-up chatter muted
 from ganlab import bench, configurator, errors
 from ganlab.devices import distribute
-from ganlab.models import (GlobalBatchNormalization, assemble, cross_entropy, d_scores, global_mean, label_helpers,
-                           logits_and_r1_penalty, make_optimizer)
+from ganlab.models import (GlobalBatchNormalization, assemble, augmenter, cross_entropy, d_scores, global_mean,
+                           label_helpers, logits_and_r1_penalty, make_optimizer)
 from ganlab.run import loop
 from ganlab.sampling import sample
 import utils
@@ -49,6 +49,7 @@ LOSS = "ns"  # ns: the non-saturating cross-entropy of Goodfellow et al. and Rad
 R1 = None  # weight gamma of the R1 penalty gamma/2 * E||grad D(x)||^2 on real images, keeping D smooth (0: none)
 G_STEPS = 1  # G updates per D update, each on fresh noise (carpedm20's DCGAN-tensorflow runs 2)
 EMA = 0.9995  # decay of the moving average of G's weights that draws every sample (0: the raw G)
+AUGMENT = ""  # DiffAugment on every image D sees, for small sets: color,translation,cutout (empty: none)
 # Bookkeeping
 SEED = 0  # seeds the weights, the data order and all noise, so a run can be repeated
 SAMPLE_GRID = 10  # progress grids show SAMPLE_GRID x SAMPLE_GRID samples of one fixed noise batch
@@ -186,6 +187,7 @@ def build_training(config):
     noise_rng = tf.random.Generator.from_seed(config.seed)
     # Conditional: y is the real images' labels, y' labels drawn for the fakes; else both are absent.
     random_labels, conditioned = label_helpers(config, noise_rng)
+    augment = augmenter(config, noise_rng)  # What D sees of every image, real or fake (--augment; else as is).
 
     def train_step(real_images, real_labels):
         batch_size = tf.shape(real_images)[0]
@@ -194,9 +196,9 @@ def build_training(config):
         noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
         with tf.GradientTape() as tape:
             fake_images = generator(conditioned(noise, fake_labels), training=True)
-            real_logits, r1_penalty = logits_and_r1_penalty(discriminator, conditioned(real_images, real_labels),
-                                                            config.r1, d_optimizer)
-            fake_logits = discriminator(conditioned(fake_images, fake_labels), training=True)
+            real_inputs = conditioned(augment(real_images), real_labels)
+            real_logits, r1_penalty = logits_and_r1_penalty(discriminator, real_inputs, config.r1, d_optimizer)
+            fake_logits = discriminator(conditioned(augment(fake_images), fake_labels), training=True)
             d_loss = discriminator_loss(config, real_logits, fake_logits)
             # Its share of the global batch's mean, times the loss scale under fp16.
             scaled_loss = d_optimizer.scale_loss(global_mean(d_loss + r1_penalty, batch_size, config.batch_size))
@@ -208,7 +210,8 @@ def build_training(config):
             noise, fake_labels = noise_rng.normal((batch_size, config.latent_dim)), random_labels(batch_size)
             with tf.GradientTape() as tape:
                 fake_images = generator(conditioned(noise, fake_labels), training=True)
-                g_loss = generator_loss(config, discriminator(conditioned(fake_images, fake_labels), training=True))
+                g_loss = generator_loss(config, discriminator(conditioned(augment(fake_images), fake_labels),
+                                                              training=True))
                 scaled_loss = g_optimizer.scale_loss(global_mean(g_loss, batch_size, config.batch_size))
             gradients = tape.gradient(scaled_loss, generator.trainable_variables)
             g_optimizer.apply(gradients, generator.trainable_variables)

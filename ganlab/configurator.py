@@ -56,6 +56,8 @@ _CHECKS = {
     "r1": (lambda v: math.isfinite(v) and v >= 0, "must be 0 (no penalty) or a positive number"),
     "g_steps": (lambda v: 1 <= v <= 10, "must be a whole number from 1 to 10"),
     "seed": (lambda v: 0 <= v <= 2**32 - 1, "must be a whole number from 0 to 4294967295 (2**32 - 1)"),
+    "augment": (lambda v: all(policy in ("color", "translation", "cutout") for policy in v.split(",") if policy),
+                "must be empty or a comma-separated list of color, translation and cutout"),
 }
 
 

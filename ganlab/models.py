@@ -136,6 +136,54 @@ def logits_and_r1_penalty(discriminator, inputs, gamma, optimizer=None):
     return logits, 0.5 * gamma * tf.reduce_mean(squared_norms)
 
 
+AUGMENTATIONS = ("color", "translation", "cutout")  # DiffAugment's policies (--augment).
+
+
+def augmenter(config, rng):
+    """`augment(images)`: DiffAugment (Zhao et al. 2020) with the --augment policies, for every image D
+    sees, real and fake, in D's and G's updates; the identity without --augment.
+
+    color: brightness +-0.5, saturation x[0, 2], contrast x[0.5, 1.5]; translation: up to 1/8 of the
+    side, zero-padded; cutout: a zero square of half the side. Each image draws its own from `rng`
+    (the step's noise generator), in float32 under any precision, and every op is differentiable,
+    so G learns through the augmentation: D never sees an image that is not augmented, and cannot
+    memorise a small set.
+    """
+    policies = [policy for policy in config.augment.split(",") if policy]
+    if not policies:
+        return lambda images: images
+
+    def augment(images):
+        x = tf.cast(images, tf.float32)
+        shape = tf.shape(x)
+        n, height, width = shape[0], x.shape[1], x.shape[2]
+        if "color" in policies:
+            x = x + (rng.uniform((n, 1, 1, 1)) - 0.5)
+            mean = tf.reduce_mean(x, axis=3, keepdims=True)
+            x = (x - mean) * (rng.uniform((n, 1, 1, 1)) * 2.0) + mean
+            mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+            x = (x - mean) * (rng.uniform((n, 1, 1, 1)) + 0.5) + mean
+        if "translation" in policies:
+            for axis, size in ((1, height), (2, width)):
+                shift = int(size * 0.125 + 0.5)
+                offsets = rng.uniform((n, 1), minval=-shift, maxval=shift + 1, dtype=tf.int32)
+                source = tf.range(size)[None, :] - offsets  # (N, size): where each row (column) comes from
+                inside = tf.cast((source >= 0) & (source < size), tf.float32)
+                x = tf.gather(x, tf.clip_by_value(source, 0, size - 1), axis=axis, batch_dims=1)
+                x = x * (inside[:, :, None, None] if axis == 1 else inside[:, None, :, None])
+        if "cutout" in policies:
+            cut_height, cut_width = int(height * 0.5 + 0.5), int(width * 0.5 + 0.5)
+            centre_y = rng.uniform((n, 1, 1, 1), maxval=height + 1 - cut_height % 2, dtype=tf.int32)
+            centre_x = rng.uniform((n, 1, 1, 1), maxval=width + 1 - cut_width % 2, dtype=tf.int32)
+            rows = tf.range(height)[None, :, None, None] - centre_y + cut_height // 2  # 0 .. cut_height - 1 inside
+            columns = tf.range(width)[None, None, :, None] - centre_x + cut_width // 2
+            hole = (rows >= 0) & (rows < cut_height) & (columns >= 0) & (columns < cut_width)
+            x = x * (1.0 - tf.cast(hole, tf.float32))
+        return x
+
+    return augment
+
+
 @keras.saving.register_keras_serializable(package="tf2_gan_mnist")
 class GlobalBatchNormalization(keras.layers.BatchNormalization):
     """Batch norm on the statistics of the whole batch across tf.distribute replicas (under a

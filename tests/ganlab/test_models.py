@@ -164,3 +164,29 @@ def test_the_study_tool_scores_extra_averages_beside_the_runs_own(mnist_dir, tmp
     assert len(rows) == 6 and rows[0]["fid"] == pytest.approx(own["fid"], rel=1e-6)
     assert rows[-1]["fid"] != pytest.approx(own["fid"], rel=1e-3)  # c = 2 keeps far more of the initial weights.
     assert "extra average cap 1.0 c 2 at step 8" in result.stdout
+
+
+def test_diffaugment_translates_cuts_out_and_recolours_each_image_differentiably():
+    images = tf.constant(np.random.default_rng(0).uniform(0.2, 1.0, (16, 32, 32, 3)), tf.float32)
+    settings = type("Settings", (), {"augment": ""})
+    assert models.augmenter(settings, tf.random.Generator.from_seed(0))(images) is images  # Off: as it is.
+    for policy in ("translation", "cutout", "color"):
+        settings.augment = policy
+        augment = models.augmenter(settings, tf.random.Generator.from_seed(1))
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            out = augment(images)
+            total = tf.reduce_sum(out)
+        assert out.shape == images.shape and out.dtype == tf.float32
+        assert np.abs(tape.gradient(total, images).numpy()).sum() > 0  # G learns through it.
+        zeros = (out.numpy() == 0).all(axis=-1).mean(axis=(1, 2))  # Per image: the fraction zeroed.
+        if policy == "translation":  # Up to 1/8 of each side comes in as zeros; the rest is the image, moved.
+            assert zeros.max() <= 1 - (1 - 4 / 32) ** 2 + 1e-6 and zeros.max() > 0
+            assert len({float(z) for z in zeros}) > 1  # Each image its own shift.
+        elif policy == "cutout":  # A square of half the side (less where it crosses the border).
+            assert zeros.max() == pytest.approx(0.25) and zeros.min() > 0
+        else:
+            assert zeros.max() == 0 and not np.allclose(out.numpy(), images.numpy())
+    settings.augment = "color,translation,cutout"
+    step = tf.function(models.augmenter(settings, tf.random.Generator.from_seed(2)), jit_compile=False)
+    assert step(tf.cast(images, tf.bfloat16)).dtype == tf.float32  # Precision-safe: float32 whatever comes in.

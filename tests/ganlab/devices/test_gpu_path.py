@@ -26,6 +26,7 @@ import gpu_kernels  # noqa: E402
     ("off", "dcgan_mnist.py", ["--precision", "fp32"]),
     ("off", "dcgan_mnist.py", ["--precision", "bf16", "--conditional"]),
     ("off", "gan_mnist.py", ["--precision", "fp16", "--r1", "1"]),
+    ("off", "dcgan_mnist.py", ["--precision", "bf16", "--augment", "color,translation,cutout"]),
     ("mirrored", "dcgan_mnist.py", ["--precision", "fp16"]),
     ("mirrored", "gan_mnist.py", ["--precision", "bf16", "--conditional"]),
     ("multi-worker", "dcgan_mnist.py", ["--precision", "bf16"]),
