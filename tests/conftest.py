@@ -7,6 +7,7 @@ GAN_MNIST_REQUIRE_DATA=1 (as .ci/run sets) it fails them instead, so CI never sk
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,9 @@ def fails(module, argv, capsys):
 def contents(directory):
     """Every file under `directory`, as {relative path: bytes}."""
     return {p.relative_to(directory): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def as_from_a_terminal():
+    """Popen's preexec_fn for a script a test signals: SIGINT as a terminal delivers it. A shell that starts
+    the tests in the background (`cmd &`) makes them, and what they start, ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

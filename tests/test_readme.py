@@ -3,11 +3,14 @@
 import ast
 import re
 import shlex
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import dcgan_mnist
 import gan_mnist
+import utils
 from conftest import REPO, parse
 
 README = (REPO / "README.md").read_text()
@@ -27,11 +30,19 @@ def test_every_flag_the_readme_names_is_in_a_scripts_help(capsys):
     assert not missing, f"README names flags that no script has: {missing}"
 
 
-def test_every_quoted_command_parses(capsys):
+def test_every_quoted_command_parses(capsys, tmp_path, mnist_dir):
     commands = re.findall(r"^python (\S+\.py)(.*?)(?:\s+#.*)?$", README, flags=re.MULTILINE)
     assert {script for script, _ in commands} == set(SCRIPTS)
+    images, labels = utils.load_mnist("train", mnist_dir)
     for script, arguments in commands:
         argv = shlex.split(arguments)
+        if "--dataset" in argv and argv[argv.index("--dataset") + 1] == "folder":  # Its pictures, here MNIST's,
+            pictures = tmp_path / Path(argv[argv.index("--data-dir") + 1]).name  # in subfolders named as its
+            names = argv[argv.index("--classes") + 1].split(",") if "--classes" in argv else ["a", "b"]  # classes.
+            for index, name in enumerate(names * 2):
+                (pictures / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[index]).save(pictures / name / f"{index}.png")
+            argv[argv.index("--data-dir") + 1] = str(pictures)
         if "--help" not in argv:
             parse(SCRIPTS[script], *argv)
 

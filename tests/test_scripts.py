@@ -69,6 +69,7 @@ def test_gan_trains_writes_every_output_and_generates(tmp_path, mnist_dir):
 
 
 @pytest.mark.parametrize("arch, limit, batch, tile", [("28", 64, 32, 28), ("32", 32, 16, 32), ("64", 16, 8, 64)])
+@pytest.mark.slow
 def test_dcgan_preset_trains_writes_every_output_and_generates(tmp_path, mnist_dir, arch, limit, batch, tile):
     run_dir = tmp_path / f"dcgan{arch}"
     dcgan_mnist.main(["--arch", arch, "--epochs", "1", "--limit", str(limit), "--batch-size", str(batch),

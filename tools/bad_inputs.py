@@ -450,7 +450,9 @@ def run_case(case, root):
                   for name, path in watched.items()}
         started = time.monotonic()
         process = subprocess.Popen([sys.executable, str(REPO / argv[0]), *argv[1:]], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+                                   stderr=subprocess.PIPE, text=True, env=env, cwd=tmp,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # SIGINT as a terminal delivers it, whatever this process inherited (`cmd &` in a script ignores it).
         if case.signal_after:
             wait_then_signal(process, case.signal_after, filled, case.limit)
         try:

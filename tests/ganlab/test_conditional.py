@@ -54,6 +54,7 @@ def test_every_class_is_in_the_training_batches(mnist_dir):
 
 
 @pytest.mark.parametrize("module", [gan_mnist, dcgan_mnist])
+@pytest.mark.slow
 def test_a_conditional_run_has_a_row_per_class_and_generates_a_requested_label(tmp_path, mnist_dir, module, capsys):
     run_dir = tmp_path / "run"
     module.main(QUICK + ["--data-dir", str(mnist_dir), "--out", str(run_dir)])
@@ -74,6 +75,7 @@ def test_a_conditional_run_has_a_row_per_class_and_generates_a_requested_label(t
     assert "--label: 10 is not a class this run was trained on" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_labels_requested_from_a_class_subset_run(tmp_path, mnist_dir, capsys):
     run_dir = tmp_path / "run"
     gan_mnist.main(QUICK + ["--classes", "1,7", "--data-dir", str(mnist_dir), "--out", str(run_dir)])

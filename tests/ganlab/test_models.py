@@ -76,6 +76,7 @@ def test_the_average_follows_its_warmed_up_decay_exactly():
     assert int(averaged.updates.numpy()) == 2
 
 
+@pytest.mark.slow
 def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
     config = config_for(dcgan_mnist, "--ema", "0.9", "--precision", "fp32", "--batch-size", "8")
     state = loop.make_state(config, dcgan_mnist.build_training)
@@ -151,6 +152,7 @@ def test_adam_takes_both_betas_from_the_flags():
     assert (optimizer.beta_1, optimizer.beta_2) == (0.0, 0.99)
 
 
+@pytest.mark.slow
 def test_the_study_tool_scores_extra_averages_beside_the_runs_own(mnist_dir, tmp_path):
     # results/extra_averages.py: its first extra average repeats the run's own schedule, so its FID
     # must equal the run's; the others differ from it after a few steps of real training.

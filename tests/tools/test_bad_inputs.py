@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import dcgan_mnist
 import gan_mnist
-from conftest import QUICK, REPO, contents, fails, run_script, write_mnist
+from conftest import QUICK, REPO, as_from_a_terminal, contents, fails, run_script, write_mnist
 from ganlab.run import loop
 
 
@@ -73,6 +73,7 @@ def test_files_holding_no_images_are_named_not_the_batch_size(tmp_path, capsys):
     assert "--batch-size" not in error
 
 
+@pytest.mark.slow
 def test_a_truncated_generator_is_called_damaged(trained, tmp_path, capsys):
     run_dir = copy_of(trained, "gan", tmp_path)
     generator = run_dir / "generator.keras"
@@ -134,7 +135,7 @@ def test_sigterm_during_generate_leaves_no_temporary_and_a_dead_ones_is_removed(
     stale.write_bytes(b"left by a kill -9")
     worker = subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--out", str(run_dir), "--generate",
                                "3000000", "--samples-npz", str(npz)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=REPO)
+                              text=True, cwd=REPO, preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob(f".samples.tmp-{worker.pid}.npz")) and time.monotonic() < deadline:
         time.sleep(0.05)  # Until its temporary exists: it is writing samples.

@@ -16,6 +16,7 @@ def gpu_check(tmp_path, only, **env):
                                                           GPU_CHECK_LOGS=str(tmp_path / "logs"), **env))
 
 
+@pytest.mark.slow
 def test_the_gpu_check_lists_the_devices_and_benchmarks_into_one_table(tmp_path, mnist_dir):
     result = gpu_check(tmp_path, "devices bench_gan", MNIST_DIR=str(mnist_dir))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -27,6 +28,7 @@ def test_the_gpu_check_lists_the_devices_and_benchmarks_into_one_table(tmp_path,
     assert "plain fp32 step" in (tmp_path / "logs" / "bench_gan.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_check_past_its_timeout_is_marked_and_fails_the_run(tmp_path):
     result = gpu_check(tmp_path, "devices", GPU_CHECK_TIMEOUT_SCALE="0.001")  # 60 s -> 1 s: TensorFlow loads slower.
     assert result.returncode == 1
@@ -46,6 +48,7 @@ def test_without_a_gpu_the_gpu_mode_stops_at_once_installing_nothing(tmp_path):
     assert not (tmp_path / "logs" / "install.log").exists()
 
 
+@pytest.mark.slow
 def test_a_gpu_that_tensorflow_cannot_see_installs_from_a_wheel_folder_and_says_so(tmp_path):
     """A stand-in nvidia-smi; pip offline (PIP_NO_INDEX) with an empty folder of wheels: the install is
     tried from there only, fails, and the check stops in one line."""

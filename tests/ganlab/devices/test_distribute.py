@@ -12,7 +12,7 @@ import time
 import pytest
 
 import gan_mnist
-from conftest import REPO, run_script
+from conftest import REPO, as_from_a_terminal, run_script
 from ganlab.devices import distribute
 
 MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
@@ -27,6 +27,7 @@ MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
     ("gan_mnist.py", ["--dropout", "0", "--r1", "1", "--cpu-devices", "3"]),
     ("dcgan_mnist.py", ["--conditional", "--cpu-devices", "8", "--batch-size", "12"]),
 ])
+@pytest.mark.slow
 def test_one_step_on_several_replicas_equals_one_step_on_one_device(script, flags):
     result = subprocess.run([sys.executable, str(REPO / "tests" / "distributed_step.py"), script, "--batch-size", "8",
                              "--precision", "fp32", *flags], capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -41,6 +42,7 @@ def test_one_step_on_several_replicas_equals_one_step_on_one_device(script, flag
     assert report["metrics_difference"] < 1e-4
 
 
+@pytest.mark.slow
 def test_a_mirrored_run_writes_its_outputs_once_and_moves_between_device_counts(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     flags = ["--limit", "640", "--batch-size", "64", "--eval-every", "0", "--seed", "2", "--data-dir", str(mnist_dir),
@@ -77,6 +79,7 @@ def test_shares_deal_any_batch_over_any_replica_count():
 
 @pytest.mark.parametrize("script, devices, batch", [("gan_mnist.py", 3, 100), ("gan_mnist.py", 8, 100),
                                                     ("dcgan_mnist.py", 3, 64), ("dcgan_mnist.py", 8, 64)])
+@pytest.mark.slow
 def test_the_default_batches_train_on_3_and_8_replicas(tmp_path, mnist_dir, script, devices, batch):
     run_dir = tmp_path / "run"
     result = run_script(script, "--epochs", "1", "--limit", str(2 * batch), "--eval-every", "0", "--data-dir",
@@ -156,7 +159,7 @@ def start_workers(run_dir, mnist_dir, temporary, *flags):
         workers.append(subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--limit", "640", "--batch-size", "64",
                                          "--eval-every", "0", "--seed", "4", *flags, "--data-dir", str(mnist_dir),
                                          "--out", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env=env, cwd=REPO))
+                                        text=True, env=env, cwd=REPO, preexec_fn=as_from_a_terminal))
     return workers
 
 
@@ -174,6 +177,7 @@ def finish(workers, timeout=240):
     return results
 
 
+@pytest.mark.slow
 def test_two_workers_train_one_run_written_once_by_the_chief(tmp_path, mnist_dir):
     run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
     temporary.mkdir()
@@ -189,6 +193,7 @@ def test_two_workers_train_one_run_written_once_by_the_chief(tmp_path, mnist_dir
     assert not list(temporary.glob("tf2-gan-*"))  # The other worker's directory is gone.
 
 
+@pytest.mark.slow
 def test_a_killed_worker_and_its_chief_resume_together(tmp_path, mnist_dir):
     run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
     temporary.mkdir()
@@ -236,9 +241,11 @@ def lone_worker(tmp_path, mnist_dir, *flags):
     env = dict(os.environ, TF_CONFIG=json.dumps(config), CUDA_VISIBLE_DEVICES="-1")
     return subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--limit", "640", "--batch-size", "64",
                              "--eval-every", "0", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=as_from_a_terminal)
 
 
+@pytest.mark.slow
 def test_a_worker_whose_peers_never_come_stops_at_its_bound(tmp_path, mnist_dir):
     worker = lone_worker(tmp_path, mnist_dir, "--peer-timeout", "0.05")  # 3 seconds.
     out, err = worker.communicate(timeout=240)
@@ -250,6 +257,7 @@ def test_a_worker_whose_peers_never_come_stops_at_its_bound(tmp_path, mnist_dir)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_worker_waiting_for_its_peers_stops_on_a_signal(tmp_path, mnist_dir, signum):
     worker = lone_worker(tmp_path, mnist_dir)
     line = ""

@@ -31,6 +31,7 @@ import gpu_kernels  # noqa: E402
     ("mirrored", "gan_mnist.py", ["--precision", "bf16", "--conditional"]),
     ("multi-worker", "dcgan_mnist.py", ["--precision", "bf16"]),
 ])
+@pytest.mark.slow
 def test_every_op_of_the_training_call_has_a_gpu_kernel(mode, script, flags):
     result = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_kernels.py"), mode, script, *flags],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -75,6 +76,7 @@ def run_with_nvidia_smi(tmp_path, mnist_dir, **env):
                           env=environment, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_gpus_that_tensorflow_cannot_use_are_the_first_line_then_the_devices(tmp_path, mnist_dir):
     result = run_with_nvidia_smi(tmp_path, mnist_dir)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -86,6 +88,7 @@ def test_gpus_that_tensorflow_cannot_use_are_the_first_line_then_the_devices(tmp
     assert second.startswith("TensorFlow ") and "on the CPU (no GPU found)" in second  # Before any data is read.
 
 
+@pytest.mark.slow
 def test_gpus_hidden_on_purpose_or_absent_give_no_warning(tmp_path, mnist_dir):
     hidden = run_with_nvidia_smi(tmp_path, mnist_dir, CUDA_VISIBLE_DEVICES="-1")
     assert hidden.returncode == 0 and "warning" not in hidden.stdout
@@ -171,6 +174,7 @@ def test_fp32_turns_tf32_off_and_the_mixed_policies_leave_it_on(float32_policy_a
     assert tf.config.experimental.tensor_float_32_execution_enabled()
 
 
+@pytest.mark.slow
 def test_deterministic_is_saved_and_kept_on_resume(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     result = run_script("gan_mnist.py", "--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0",

@@ -39,6 +39,7 @@ def test_precision_policies_keep_images_logits_and_losses_in_float32(precision, 
     assert all(v.dtype == "float32" and np.isfinite(v.numpy()) for v in values.values())
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling_and_xla_train_end_to_end_on_the_cpu(tmp_path, mnist_dir):
     """The GPU code path (mixed float16, a loss-scale optimizer per network, XLA) runs here too."""
     run_dir = tmp_path / "run"
@@ -90,6 +91,7 @@ def test_flops_are_counted_from_the_layers():
     assert bench.training_flops(10, 1, g_steps=2) == 80  # D's update (16) and G's (32) twice.
 
 
+@pytest.mark.slow
 def test_benchmark_prints_the_table(mnist_dir, capsys):
     config = config_for(gan_mnist, "--benchmark", "--limit", "512", "--batch-sizes", "32,64", "--steps-per-call", "4")
     images = utils.load_training_images(config)

@@ -86,6 +86,7 @@ def test_a_damaged_config_is_one_line_for_resume_and_sampling(tmp_path, capsys, 
     assert status == 1 and error.count("\n") == 1 and problem in error, error
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path, mnist_dir, capsys):
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
     gan_mnist.main(QUICK + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(straight)])
@@ -99,6 +100,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path,
     assert history_of(run_dir)["iterations"] == history_of(straight)["iterations"]
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_falls_back_to_the_newest_that_reads(tmp_path, mnist_dir, capsys):
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
     gan_mnist.main(QUICK + ["--epochs", "4", "--data-dir", str(mnist_dir), "--out", str(straight)])
@@ -137,8 +139,8 @@ def test_no_readable_checkpoint_is_one_line(tmp_path, mnist_dir, capsys):
 
 def test_resume_may_lower_the_learning_rate_and_records_it(tmp_path, mnist_dir, capsys):
     class LearningRates(loop.Hooks):
-        def step(self, train_step, state, averaged):
-            self.rates = [float(state[name].learning_rate.numpy()) for name in ("g_optimizer", "d_optimizer")]
+        def step(self, train_step, state):
+            self.rates = [float(optimizer.learning_rate.numpy()) for optimizer in (state.g_optimizer, state.d_optimizer)]
             return train_step
 
     run_dir = tmp_path / "run"
@@ -202,6 +204,7 @@ def test_checkpoints_are_saved_mid_epoch_every_few_minutes(tmp_path, mnist_dir):
 
 @pytest.mark.parametrize("flags, size", [(["--latent-dim", "100000000"], "--latent-dim 100000000"),
                                          (["--kernel-size", "1000"], "--kernel-size 1000")])
+@pytest.mark.slow
 def test_sizes_that_cannot_fit_are_one_line_and_leave_nothing(tmp_path, mnist_dir, flags, size):
     run_dir = tmp_path / "run"
     result = run_script("dcgan_mnist.py", *QUICK, *flags, "--epochs", "1", "--data-dir", str(mnist_dir),
@@ -226,6 +229,7 @@ def test_generate_streams_batches_into_the_npz(tmp_path, mnist_dir, capsys):
     assert not list(tmp_path.glob(".samples.tmp-*"))
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_evaluation_stops_at_once_and_resumes(tmp_path, mnist_dir, monkeypatch, capsys):
     original = sample.evaluate_generator
 

@@ -58,6 +58,7 @@ def without_seconds(evaluations):
     return [{k: v for k, v in e.items() if k != "seconds"} for e in evaluations]
 
 
+@pytest.mark.slow
 def test_killed_at_any_moment_and_resumed_the_run_ends_as_a_straight_run(tmp_path, mnist_dir):
     straight = tmp_path / "straight"
     assert attempt(straight, mnist_dir).returncode == 0
@@ -126,6 +127,7 @@ def leftovers(run_dir):
     return list(run_dir.glob(".*.tmp-*")) + list((run_dir / "checkpoints").glob("*_temp*"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_first_save_is_one_line_and_the_run_resumes(small_disk, mnist_dir, tmp_path):
     disk, fill = small_disk
     run_dir = disk / "run"
@@ -142,6 +144,7 @@ def test_a_full_disk_at_the_first_save_is_one_line_and_the_run_resumes(small_dis
     assert history_of(run_dir)["iterations"] == history_of(tmp_path / "straight")["iterations"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_later_checkpoint_keeps_everything_before_it(small_disk, mnist_dir, tmp_path):
     disk, fill = small_disk
     run_dir = disk / "run"

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import dcgan_mnist
 import gan_mnist
-from conftest import REPO
+from conftest import REPO, as_from_a_terminal
 from ganlab import errors
 from ganlab.run import directory as run_directory
 from ganlab.run import loop
@@ -35,6 +35,7 @@ def generator_weights(run_dir):
 
 @pytest.mark.parametrize("module, extra", [(gan_mnist, []), (dcgan_mnist, ["--limit", "96", "--batch-size", "32"]),
                                            (dcgan_mnist, ["--limit", "96", "--batch-size", "32", "--conditional"])])
+@pytest.mark.slow
 def test_resumed_run_equals_a_straight_run_exactly(tmp_path, mnist_dir, module, extra):
     flags = QUICK + extra + ["--data-dir", str(mnist_dir)]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -113,7 +114,7 @@ def start_training(run_dir, mnist_dir, *flags):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), *SLOW, *flags, "--data-dir", str(mnist_dir),
                              "--out", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO)
+                            env=env, cwd=REPO, preexec_fn=as_from_a_terminal)
 
 
 def wait_for_line(process, text, timeout=120):
@@ -131,6 +132,7 @@ def wait_for_line(process, text, timeout=120):
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_a_signal_saves_everything_mid_epoch_and_resume_is_exact(tmp_path, mnist_dir, signum, status):
     run_dir = tmp_path / "run"
     process = start_training(run_dir, mnist_dir, "--epochs", "2")
@@ -154,6 +156,7 @@ def test_a_signal_saves_everything_mid_epoch_and_resume_is_exact(tmp_path, mnist
 
 
 @pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+@pytest.mark.slow
 def test_a_second_process_cannot_train_in_a_directory_being_trained(tmp_path, mnist_dir, flags):
     run_dir = tmp_path / "run"
     first = start_training(run_dir, mnist_dir, "--epochs", "3")
@@ -171,6 +174,7 @@ def test_a_second_process_cannot_train_in_a_directory_being_trained(tmp_path, mn
         first.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_process(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     process = start_training(run_dir, mnist_dir, "--epochs", "2")
@@ -182,6 +186,7 @@ def test_the_lock_dies_with_its_process(tmp_path, mnist_dir):
     assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1]
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_the_epoch_in_progress(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     process = start_training(run_dir, mnist_dir, "--epochs", "3")
