@@ -130,6 +130,7 @@ def test_a_folder_without_a_usable_image_or_with_an_empty_class_is_one_line(tmp_
     assert status == 2 and "--data-dir" in error
 
 
+@pytest.mark.slow
 def test_a_symlink_loop_ends_and_nothing_in_the_folder_is_written(tmp_path, mnist_train, mnist_dir):
     images, labels = mnist_train
     root = write_pngs(tmp_path / "pictures", images[:64], labels[:64] % 2, names=["even", "odd"])
@@ -196,6 +197,7 @@ def test_a_conditional_run_on_a_class_folder_draws_a_row_per_class(tmp_path, mni
     assert status == 2 and "no class subfolders" in error
 
 
+@pytest.mark.slow
 def test_both_scripts_train_resume_generate_and_evaluate_on_a_folder(tmp_path, mnist_train, capsys):
     images, labels = mnist_train
     root = write_pngs(tmp_path / "pictures", images, labels)
@@ -237,3 +239,14 @@ def test_arch_auto_picks_the_preset_nearest_the_pictures_side(tmp_path, cifar_di
     assert dcgan_mnist.default_arch(type("Settings", (), {"data_side": folder.probe(big).side})) == "64"
     decoded, _ = folder.load(folder.probe(root), 32, 3)
     np.testing.assert_array_equal(decoded, cars)  # At their own size, colour pictures come back exactly too.
+
+
+def test_resuming_a_folder_run_whose_classes_changed_is_one_line(tmp_path, mnist_train, capsys):
+    images, labels = mnist_train
+    root = write_pngs(tmp_path / "pictures", images[:64], labels[:64] % 2, names=["even", "odd"])
+    gan_mnist.main(["--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run")] + QUICK)
+    before = contents(tmp_path / "run")
+    (root / "odd").rename(root / "uneven")
+    status, error = fails(gan_mnist, ["--out", str(tmp_path / "run"), "--resume", "--epochs", "2"], capsys)
+    assert status == 1 and "trained on the classes even, odd" in error and "even, uneven" in error
+    assert contents(tmp_path / "run") == before
