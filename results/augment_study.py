@@ -1,6 +1,7 @@
 """The --augment study: DiffAugment on small folders, with and without, at the same number of steps.
 
     MNIST_DIR=... CIFAR10_DIR=... python results/augment_study.py [--epochs 100] [--seeds 0,1]
+        [--folders mnist,cars] [--policies 'none;color,translation,cutout']
 
 Builds two folders of PNGs from the real datasets under results/augment_study/ (git ignores it):
 the first 1,000 MNIST training images in a subfolder per class, and the first 1,000 CIFAR-10
@@ -65,12 +66,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--folders", default="mnist,cars")
+    parser.add_argument("--policies", default="none;" + POLICY,
+                        help="the runs' --augment values, separated by ';' (none: no augmentation)")
     args = parser.parse_args()
     folders = build_folders()
+    policies = args.policies.split(";")
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for name, folder in folders.items():
-            for augment in ("", POLICY):
-                out = STUDY / f"{name}-{'augment' if augment else 'plain'}-seed{seed}"
+        for name in args.folders.split(","):
+            folder = folders[name]
+            for augment in ("" if policy == "none" else policy for policy in policies):
+                tag = "plain" if not augment else "augment" if augment == POLICY else augment.replace(",", "-")
+                out = STUDY / f"{name}-{tag}-seed{seed}"
                 command = [sys.executable, str(REPO / "dcgan_mnist.py"), "--dataset", "folder", "--data-dir",
                            str(folder), "--epochs", str(args.epochs), "--eval-every", "0", "--seed", str(seed),
                            "--augment", augment, "--out", str(out), "--overwrite"]
