@@ -113,6 +113,7 @@ def test_the_average_gets_batch_norm_statistics_of_its_own_weights():
     (gan_mnist, ["--loss", "ns", "--r1", "1"]),
     (dcgan_mnist, ["--loss", "hinge", "--g-steps", "2", "--limit", "64", "--batch-size", "32"]),
 ])
+@pytest.mark.slow
 def test_other_losses_train_end_to_end_and_the_raw_generator_is_scored_beside_the_average(tmp_path, mnist_dir,
                                                                                         module, extra):
     run_dir = tmp_path / "run"

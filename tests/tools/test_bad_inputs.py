@@ -83,6 +83,7 @@ def test_a_truncated_generator_is_called_damaged(trained, tmp_path, capsys):
     assert "File not found" not in error
 
 
+@pytest.mark.slow
 def test_checkpoints_of_the_other_script_are_one_line_without_warnings(trained, tmp_path, mnist_dir):
     run_dir = copy_of(trained, "dcgan", tmp_path)
     shutil.rmtree(run_dir / "checkpoints")
@@ -179,6 +180,7 @@ def read_only_run(trained, tmp_path):
 
 @pytest.mark.parametrize("flags", [["--generate", "4"], ["--interpolate"], ["--resume", "--epochs", "2"],
                                    ["--overwrite", "--epochs", "1"], ["--generate", "4", "--samples-npz", "RO"]])
+@pytest.mark.slow
 def test_a_read_only_run_directory_is_one_line(read_only_run, mnist_dir, flags):
     flags = [str(read_only_run / "s.npz") if flag == "RO" else flag for flag in flags]
     before = contents(read_only_run)

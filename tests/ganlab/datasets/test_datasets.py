@@ -167,6 +167,7 @@ QUICK = ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every",
     (dcgan_mnist, "cifar10", [], 32, 3),  # --arch auto: 32 for CIFAR-10.
     (dcgan_mnist, "cifar10", ["--arch", "28", "--classes", "automobile"], 28, 3),
 ])
+@pytest.mark.slow
 def test_each_script_trains_on_each_dataset(tmp_path, fashion_dir, cifar_dir, module, dataset, extra, tile, channels):
     data_dir = cifar_dir if dataset == "cifar10" else fashion_dir
     run_dir = tmp_path / "run"
@@ -203,6 +204,7 @@ def test_classes_filter_by_name_and_index(cifar_dir, capsys):
     assert "--classes: '10' is not a mnist class; use 0..9" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_works_in_colour_and_on_a_class_subset(tmp_path, cifar_dir):
     train, train_labels = cifar10.load("train", cifar_dir, limit=3000)
     test, test_labels = cifar10.load("test", cifar_dir, limit=1000)

@@ -137,6 +137,7 @@ def test_no_readable_checkpoint_is_one_line(tmp_path, mnist_dir, capsys):
     assert status == 1 and error.count("\n") == 1 and "no checkpoint can be restored" in error
 
 
+@pytest.mark.slow
 def test_resume_may_lower_the_learning_rate_and_records_it(tmp_path, mnist_dir, capsys):
     class LearningRates(loop.Hooks):
         def step(self, train_step, state):
@@ -214,6 +215,7 @@ def test_sizes_that_cannot_fit_are_one_line_and_leave_nothing(tmp_path, mnist_di
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_generate_streams_batches_into_the_npz(tmp_path, mnist_dir, capsys):
     run_dir = tmp_path / "run"
     dcgan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
