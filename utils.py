@@ -272,8 +272,14 @@ def load_dataset(config, split="train", limit=0):
     """
     if config.dataset == "folder":
         side, _, channels = config.data_shape
-        subset = len(classes_in_play(config)) < max(len(config.class_names), 1)
-        images, labels = folder.load(folder.probe(config.data_dir), side, channels, 0 if subset else limit)
+        found, subset = folder.probe(config.data_dir), len(classes_in_play(config)) < max(len(config.class_names), 1)
+        count = min(limit, len(found.files)) if limit and not subset else len(found.files)
+        needed, available = count * side * side * channels, available_memory()
+        if available and needed > available / 2:  # Before decoding: it streams file by file, into this.
+            raise DataError(f"{found.root}: its {count:,} images at {side}x{side}x{channels} need {size_text(needed)} "
+                            f"in memory, more than half of the {size_text(available)} available; train on fewer "
+                            f"with --limit, or at a smaller size")
+        images, labels = folder.load(found, side, channels, 0 if subset else limit)
     else:
         images, labels = DATASETS[config.dataset].load(split, config.data_dir)
     wanted = classes_in_play(config)

@@ -244,18 +244,10 @@ def load(folder, side, channels, limit=0):
     """The folder's images as uint8 (N, side, side, channels) and int32 labels (N,), in the Folder's order,
     the first `limit` usable ones (0: all); decoded once and cached (see the module's docstring).
 
-    Refuses in one line, before decoding, a set that would not fit in half the available memory.
     Prints one summary line naming the skipped files, and a progress line while a large folder decodes.
+    (utils.load_dataset first checks that they fit in memory.)
     """
-    from utils import available_memory, size_text  # Here: utils imports this package.
-
     count = min(limit, len(folder.files)) if limit else len(folder.files)
-    needed = count * side * side * channels
-    available = available_memory()
-    if available and needed > available / 2:
-        raise DataError(f"{folder.root}: its {count:,} images at {side}x{side}x{channels} need {size_text(needed)} in "
-                        f"memory, more than half of the {size_text(available)} available; train on fewer with "
-                        f"--limit, or at a smaller size")
     path = cache_root() / "folders" / f"{folder.key}-{side}x{channels}-{count}.npz"
     cached = _read_cache(path, count, side, channels)
     if cached is None:
