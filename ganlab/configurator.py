@@ -273,15 +273,15 @@ def saved_settings(run, saved, values):
             changes[key] = saved[key]
     if changes.get("dataset", values["dataset"]) == "folder" and not values["data_dir"]:
         changes["data_dir"] = saved.get("data_dir")  # The run's own pictures, unless --data-dir names them anew.
-    if "class_names" in saved and list(saved["class_names"]) != list(_data(values | changes)["class_names"]):
+    class_names = _data(values | changes)["class_names"]  # Of the run's own dataset (a folder: probed once here).
+    if "class_names" in saved and list(saved["class_names"]) != list(class_names):
         raise DataError(f"{run.config}: the run trained on the classes {', '.join(saved['class_names']) or '(none)'}, "
                         f"and {values['data_dir'] or changes.get('data_dir')} now holds "
-                        f"{', '.join(_data(values | changes)['class_names']) or 'no class subfolders'}; "
+                        f"{', '.join(class_names) or 'no class subfolders'}; "
                         f"restore its subfolders, or start a new run with --out")
     if "classes" in saved:
         try:
-            utils.parse_classes(saved["classes"], _data(values | changes)["class_names"],
-                                changes.get("dataset", values["dataset"]))
+            utils.parse_classes(saved["classes"], class_names, changes.get("dataset", values["dataset"]))
         except UsageError as error:
             raise DataError(f"{run.config}: \"classes\" is {json.dumps(saved['classes'])}: "
                             f"{str(error).split(': ', 1)[-1]}; correct it, or start a new run with --out") from None

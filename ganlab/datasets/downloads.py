@@ -52,6 +52,14 @@ IDX_DATASETS = {
 }
 
 
+def cache_dir():
+    """Where this project caches what it computes once (the evaluation classifier, decoded folders):
+    $GAN_MNIST_CACHE, else $XDG_CACHE_HOME/tf2-gan-mnist, else ~/.cache/tf2-gan-mnist."""
+    if os.environ.get("GAN_MNIST_CACHE"):
+        return Path(os.environ["GAN_MNIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
+
+
 def keras_datasets():
     """Keras's dataset cache: $KERAS_HOME/datasets, else ~/.keras/datasets."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ganlab.datasets.downloads import cache_dir
 from ganlab.errors import DataError
 
 # The formats a file's extension promises; a file whose content is another is skipped.
@@ -62,13 +63,6 @@ class Folder:
     skipped: tuple  # (path, reason) of the files already known to be unusable
     candidates: int  # the image files looked at (skipped included)
     key: str  # what the caches are keyed on: the file list, sizes and modification times
-
-
-def cache_root():
-    """$GAN_MNIST_CACHE, else $XDG_CACHE_HOME/tf2-gan-mnist, else ~/.cache/tf2-gan-mnist."""
-    if os.environ.get("GAN_MNIST_CACHE"):
-        return Path(os.environ["GAN_MNIST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
 
 
 def probe(directory):
@@ -136,7 +130,7 @@ def _images_under(directory, seen):
 def _cached_headers(root, listed, key):
     """Each listed file's header summary ({"grey", "side"} or {"reason"}), from the cache when the file list
     is unchanged, else read now (and cached)."""
-    path = cache_root() / "folders" / f"{key}.json"
+    path = cache_dir() / "folders" / f"{key}.json"
     try:
         headers = json.loads(path.read_text())
         if isinstance(headers, list) and len(headers) == len(listed) and all(isinstance(h, dict) for h in headers):
@@ -204,8 +198,7 @@ def _is_grey(image):
 def decode(path, side, channels):
     """One image as uint8 (side, side, channels): first frame, EXIF orientation, converted to 8-bit L or RGB
     (transparency on white), the centred square, resized (Lanczos) if its side differs. Skip if unusable."""
-    with warnings.catch_warnings(), _opened(path) as image:
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with _opened(path) as image:
         try:
             image.seek(0)
             image.load()
@@ -248,10 +241,10 @@ def load(folder, side, channels, limit=0):
     (utils.load_dataset first checks that they fit in memory.)
     """
     count = min(limit, len(folder.files)) if limit else len(folder.files)
-    path = cache_root() / "folders" / f"{folder.key}-{side}x{channels}-{count}.npz"
+    path = cache_dir() / "folders" / f"{folder.key}-{side}x{channels}-{count}.npz"
     cached = _read_cache(path, count, side, channels)
     if cached is None:
-        stale = [p for p in (cache_root() / "folders").glob("*.npz")
+        stale = [p for p in (cache_dir() / "folders").glob("*.npz")
                  if not p.name.startswith(folder.key) and _cache_folder(p) == str(folder.root.resolve())]
         if stale:
             print(f"{folder.root}: the folder changed since it was decoded; decoding it again")

@@ -163,10 +163,9 @@ def place(choice):
     """
     if choice != "multi-worker":
         return True, None
-    task = json.loads(os.environ["TF_CONFIG"])["task"]
-    kind, index = task["type"], task.get("index", 0)
-    has_chief = "chief" in json.loads(os.environ["TF_CONFIG"])["cluster"]
-    return kind == "chief" or (not has_chief and index == 0), f"{kind} {index}"
+    spec = json.loads(os.environ["TF_CONFIG"])
+    kind, index = spec["task"]["type"], spec["task"].get("index", 0)
+    return kind == "chief" or ("chief" not in spec["cluster"] and index == 0), f"{kind} {index}"
 
 
 def take_devices(choice, cpu_devices):

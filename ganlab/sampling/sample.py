@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 import utils
+from ganlab.datasets.downloads import cache_dir
 from ganlab.errors import DataError, TrainingStopped, UsageError, out_of_memory
 from ganlab.models import balanced_labels, one_hot
 from ganlab.sampling import evaluation
@@ -153,13 +154,6 @@ def sample_images(generator, noise, labels=None, batch_size=500):
                          else noise[i:i + batch_size], training=False).numpy()
                for i in range(0, len(noise), batch_size)]
     return np.concatenate(outputs)
-
-
-def cache_dir():
-    """Where the evaluation classifier is cached: $GAN_MNIST_CACHE, else ~/.cache/tf2-gan-mnist."""
-    if os.environ.get("GAN_MNIST_CACHE"):
-        return Path(os.environ["GAN_MNIST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
 
 
 def check_cache_dir():

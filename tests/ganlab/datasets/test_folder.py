@@ -22,7 +22,7 @@ QUICK = ["--epochs", "1", "--batch-size", "32", "--eval-every", "0"]
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """Each test decodes into a cache of its own (the classifier's cache stays the machine's)."""
-    monkeypatch.setattr(folder, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(folder, "cache_dir", lambda: tmp_path / "cache")
 
 
 @pytest.fixture(scope="session")
