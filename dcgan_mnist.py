@@ -152,6 +152,19 @@ def build_discriminator(config):
     return assemble(layers, shape, config, "discriminator")
 
 
+def multiply_adds(config):
+    """Multiply-adds of one image through G and D above (the conditioning label aside): how big a share of a
+    step each GPU would get, for --distribute auto (ganlab/devices/distribute.py)."""
+    area, (side, _, channels) = config.kernel_size ** 2, config.g_start
+    total = config.latent_dim * side * side * channels                  # G's projection
+    for out in list(config.g_channels) + [config.data_shape[-1]]:       # G's transposed convolutions
+        side, total, channels = 2 * side, total + (2 * side) ** 2 * area * channels * out, out
+    side, channels = config.image_size, config.data_shape[-1]
+    for out in config.d_channels:                                        # D's strided convolutions
+        side, total, channels = side // 2, total + (side // 2) ** 2 * area * channels * out, out
+    return total + side * side * channels                                # D's logit
+
+
 # ------------------------------------------------------------------------------------------------
 # The GAN: its losses, and one D update and one G update per training step
 # ------------------------------------------------------------------------------------------------

@@ -93,6 +93,13 @@ def build_discriminator(config):
 
 
 
+def multiply_adds(config):
+    """Multiply-adds of one image through G and D above (the conditioning label aside): how big a share of a
+    step each GPU would get, for --distribute auto (ganlab/devices/distribute.py)."""
+    widths = [config.latent_dim, 256, 512, 1024, int(np.prod(config.data_shape)), 1024, 512, 256, 1]
+    return sum(a * b for a, b in zip(widths, widths[1:]))
+
+
 # ------------------------------------------------------------------------------------------------
 # The GAN: its losses, and one D update and one G update per training step
 # ------------------------------------------------------------------------------------------------

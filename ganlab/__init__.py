@@ -15,6 +15,36 @@ scripts take `keras` and `tf` from here.
 
 import os
 import sys
+from pathlib import Path
+
+
+def cache_dir():
+    """Where this project caches what it computes once (the evaluation classifier, decoded folders, XLA's
+    programs): $GAN_MNIST_CACHE, else $XDG_CACHE_HOME/tf2-gan-mnist, else ~/.cache/tf2-gan-mnist."""
+    if os.environ.get("GAN_MNIST_CACHE"):
+        return Path(os.environ["GAN_MNIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
+
+
+def _keep_xla_programs():
+    """Point TensorFlow's persistent XLA cache at cache_dir()/xla, so that a second process of the same model
+    (a resume, a rerun) loads its compiled program instead of compiling it again (30 to 60 s on a GPU).
+
+    TensorFlow reads TF_XLA_FLAGS once, as it loads, so this runs first. A place that cannot be
+    written (TensorFlow would then fail every compile) is left out, as is a cache the user set.
+    """
+    ours = os.environ.pop("GAN_MNIST_XLA_FLAG", None)  # What this project added for a parent process: redone here.
+    flags = " ".join(part for part in os.environ.get("TF_XLA_FLAGS", "").split() if part != ours)
+    os.environ["TF_XLA_FLAGS"] = flags
+    if "persistent_cache_directory" in flags:  # The user's own.
+        return
+    place = cache_dir() / "xla"
+    existing = next((p for p in (place, *place.parents) if p.exists()), None)
+    if (existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)
+            or any(character.isspace() for character in str(place))):  # TF_XLA_FLAGS splits on spaces.
+        return
+    os.environ["GAN_MNIST_XLA_FLAG"] = f"--tf_xla_persistent_cache_directory={place}"
+    os.environ["TF_XLA_FLAGS"] = f"{flags} {os.environ['GAN_MNIST_XLA_FLAG']}".strip()
 
 
 def _import_tensorflow_quietly():
@@ -40,4 +70,5 @@ def _import_tensorflow_quietly():
     return keras, tensorflow
 
 
+_keep_xla_programs()
 keras, tf = _import_tensorflow_quietly()

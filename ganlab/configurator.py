@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import utils
-from ganlab import bench
+from ganlab import bench, errors
 from ganlab.devices import distribute, speed
 from ganlab.errors import DataError, UsageError, flag
 from ganlab.datasets import folder
@@ -104,7 +104,9 @@ COMMON = dict(arch=None,  # no presets: the script has one architecture
 UNRESOLVED = dict(restart=False,  # a --resume of a run killed before its first checkpoint starts afresh
                   lr_change=None,  # (saved, new) when --resume lowers --lr
                   replicas=1, chief=True,  # the strategy's replica count; whether this process writes the run
-                  task=None)  # "worker 1" and the like, in a cluster
+                  task=None,  # "worker 1" and the like, in a cluster
+                  step_multiply_adds=0,  # a step's forward passes (`step_multiply_adds`): --distribute auto's rule
+                  saved_precision=None)  # on --resume, the precision the run trained in (its config.json)
 
 
 def resolve(script_path, namespace, argv=None, description=None, presets=None, auto_preset=None,
@@ -119,27 +121,44 @@ def resolve(script_path, namespace, argv=None, description=None, presets=None, a
     """
     values = parse(script_path, namespace, argv, description, presets, auto_preset)
     run = RunDirectory(values["out"])
-    if values["generate"] or values["interpolate"] or values["evaluate"]:
+    sampling = values["generate"] or values["interpolate"] or values["evaluate"]
+    unusable = None if values["cpu"] else errors.unusable_gpus()
+    if unusable and not sampling:  # Minutes of work would take hours on the CPU, in silence.
+        raise UsageError(f"{unusable}; or train on the CPU anyway with --cpu")
+    if unusable:
+        print(f"{Path(script_path).name}: warning: {unusable}; it samples on the CPU", file=sys.stderr, flush=True)
+    if sampling:
+        distribute.use_gpus("off")  # One GPU, its memory as it grows, as a run on one device.
         return freeze(values), run, None
-    values["distribute"] = distribute.choose(values["distribute"])
+    values["distribute"] = distribute.choose(values["distribute"])  # A cluster's, or still auto: see with_devices.
     values["chief"], values["task"] = distribute.place(values["distribute"])
     if values["chief"] and not values["benchmark"]:
         run.check_start(values["resume"], values["overwrite"])
     saved = run.read_config() if values["resume"] and not values["benchmark"] else {}
     if saved:  # Its architecture and data, as it trained (--arch, --dataset), not the command line's defaults.
         values = _data_and_preset(values | saved_settings(run, saved, values), presets, auto_preset)
-    settings = freeze(with_devices(values, saved.get("precision", "fp32"), default_steps_per_call))
+    values["saved_precision"] = saved.get("precision") if saved else None
+    settings = freeze(with_devices(values, default_steps_per_call))
     strategy = distribute.create(settings)
     return settings, run if settings.chief else run_directory.worker_directory(settings.task, run), strategy
 
 
-def with_devices(values, saved_precision="fp32", default_steps_per_call=1):
+def with_devices(values, default_steps_per_call=1):
     """`values` with the devices taken and the replica count, precision, XLA and steps per call resolved
-    (`speed.choose`; on --resume the checkpoint's `saved_precision` counts); a worker that is not the
-    chief leaves the evaluation to it. UsageError for a batch smaller than the replica count."""
-    values = dict(values, distribute=distribute.choose(values["distribute"]))
-    values["replicas"] = distribute.take_devices(values["distribute"], values["cpu_devices"])
-    values |= speed.choose(values, saved_precision, default_steps_per_call)
+    (`speed.choose`, from the step's work, `step_multiply_adds`); a worker that is not the chief leaves
+    the evaluation to it. UsageError for a batch smaller than the replica count."""
+    values = dict(values, step_multiply_adds=step_multiply_adds(values))
+    if values["cpu"]:
+        distribute.use_gpus("off", cpu=True)  # No GPU is visible from here on.
+    values["distribute"] = distribute.choose(values["distribute"], values["step_multiply_adds"])
+    values["replicas"] = distribute.take_devices(values["distribute"], values["cpu_devices"], values["cpu"])
+    requested = values["precision"]
+    values |= speed.choose(values, default_steps_per_call)
+    if values.get("saved_precision") and values["saved_precision"] != values["precision"] and (
+            "fp16" in (values["saved_precision"], values["precision"])):
+        print(f"The run trained in {values['saved_precision']} and goes on in {values['precision']} (--precision "
+              f"{'auto on this machine' if requested == 'auto' else requested}): its optimizers "
+              + ("drop their loss scale" if values["saved_precision"] == "fp16" else "gain a fresh loss scale"))
     if not values["chief"]:
         values["eval_every"] = 0  # The chief scores the run.
     if values["eval_every"] and len(values["class_names"]) < 2:
@@ -150,6 +169,13 @@ def with_devices(values, saved_precision="fp32", default_steps_per_call=1):
         raise UsageError(f"argument --batch-size: {values['batch_size']} is smaller than the {values['replicas']} "
                          f"replicas of --distribute {values['distribute']}, each of which needs an image")
     return values
+
+
+def step_multiply_adds(values):
+    """The multiply-adds of a training step's forward passes, G's and D's on the global batch: the script's
+    `multiply_adds(settings)` (one image through both models) times --batch-size; 0 if it has none."""
+    per_image = values.get("multiply_adds")
+    return int(per_image(freeze(values)) * values["batch_size"]) if per_image else 0
 
 
 def freeze(values):
@@ -185,7 +211,7 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
     argv = sys.argv[1:] if argv is None else list(argv)
     values = vars(parser.parse_args(argv))
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
-    values |= dict(script=script_name, hyperparameters=tuple(names),
+    values |= dict(script=script_name, hyperparameters=tuple(names), multiply_adds=namespace.get("multiply_adds"),
                    explicit=frozenset(key for key in names if flag(key) in given
                                       or flag(key).replace("--", "--no-") in given))
     values = _data_and_preset(values | UNRESOLVED, presets, auto_preset)

@@ -6,7 +6,7 @@ each into one line on stderr, never a traceback.
 
 TensorFlow's C++ start-up chatter is muted when the package loads it (ganlab/__init__.py); what
 that chatter would have said about GPUs that TensorFlow cannot use is not lost: `unusable_gpus`
-says it in one line, first of all.
+says it in one line, before anything else is done.
 """
 
 import contextlib
@@ -108,7 +108,8 @@ def tensorflow_gpu_problem():
 
 def unusable_gpus():
     """One line if this machine has NVIDIA GPUs and TensorFlow sees none (unless CUDA_VISIBLE_DEVICES hides
-    them on purpose): the GPUs, TensorFlow's reason, and the fix; else None."""
+    them on purpose): the GPUs, TensorFlow's reason, and the fix; else None. `configurator.resolve` stops
+    training with it (unless --cpu) and warns with it when sampling."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and (not visible.strip() or visible.split(",")[0].strip().startswith("-")):
         return None
@@ -123,16 +124,13 @@ def unusable_gpus():
         fix = f'pip install "{wanted.replace("tensorflow", "tensorflow[and-cuda]", 1).replace(" ", "")}"'
     except (OSError, StopIteration):
         fix = f'pip install "tensorflow[and-cuda]=={tensorflow.__version__}"'
-    return (f"warning: this machine has {len(gpus)} NVIDIA GPU{'s' if len(gpus) > 1 else ''} ({gpus[0]}"
+    return (f"this machine has {len(gpus)} NVIDIA GPU{'s' if len(gpus) > 1 else ''} ({gpus[0]}"
             f"{', ...' if len(gpus) > 1 else ''}) but TensorFlow {tensorflow.__version__} cannot use them: "
-            f"{tensorflow_gpu_problem()}. It trains on the CPU. Fix: {fix}")
+            f"{tensorflow_gpu_problem()}. Fix: {fix}")
 
 
 def run_main(main, argv=None):
-    """Run a script's `main(argv)` and turn the errors a user can fix into one line and an exit status.
-
-    First of all, it says so if the machine's GPUs are out of TensorFlow's reach (`unusable_gpus`).
-    """
+    """Run a script's `main(argv)` and turn the errors a user can fix into one line and an exit status."""
     program = Path(sys.argv[0]).name
 
     def terminated(signum, frame):  # Outside training (which saves first): stop as Ctrl-C does.
@@ -140,9 +138,6 @@ def run_main(main, argv=None):
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
-    warning = unusable_gpus()
-    if warning:
-        print(f"{program}: {warning}", file=sys.stderr, flush=True)
     try:
         main(argv)
     except UsageError as error:

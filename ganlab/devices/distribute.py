@@ -22,26 +22,42 @@ overflow on any replica skips the step on all (`models.ReplicaSafeLossScaleOptim
 import json
 import os
 import socket
+import subprocess
 import time
 
 import tensorflow as tf
+from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import expand_tasks_per_node
 
 from ganlab.errors import UsageError
 
 PEER_TIMEOUT = 10.0  # Minutes a worker waits for its cluster: a peer that never starts must not hang it for ever.
+# --distribute auto mirrors over a box's GPUs only when each GPU's share of a step's forward passes is at least
+# this many billion multiply-adds: under it the ~20 collectives of a mirrored step (a few tens of microseconds
+# each, over NVLink) outweigh the share's arithmetic (about 1 ms at 10 G on a current GPU), so one GPU is faster.
+# The default DCGAN (64 x 0.18 G) stays on one GPU; --arch 64 (100 x 2.0 G) mirrors over up to 20.
+MIRROR_MIN_GMACS = 10.0
+DEVICE_SHARE = 0.5  # A training set over this share of a GPU's memory stays in host memory (copied in per call).
+SLURM_PORT_BASE = 8888  # The first port of a Slurm task's server ($GAN_MNIST_SLURM_PORT overrides), as TensorFlow's.
 
 
 def add_flags(parser):
     """The device flags."""
     devices = parser.add_argument_group("devices")
     devices.add_argument("--distribute", choices=("auto", "off", "mirrored", "multi-worker"), default="auto",
-                         help="auto: multi-worker when $TF_CONFIG names a cluster, else mirror over every visible GPU "
-                              "when there are two or more, else one device; off: one device; mirrored: every GPU, "
+                         help="auto: multi-worker when $TF_CONFIG (or a Slurm job step of several tasks) names a "
+                              "cluster, else mirror over every visible GPU when there are two or more and each "
+                              f"GPU's share of a step's forward passes is at least {MIRROR_MIN_GMACS:g} G "
+                              "multiply-adds (the big --arch 64), else one device (one GPU); off: one device; "
+                              "mirrored: every GPU, "
                               "or without GPUs the CPU's logical devices (see --cpu-devices); multi-worker: every "
                               "machine of $TF_CONFIG's cluster (default: auto)")
     devices.add_argument("--peer-timeout", metavar="MINUTES", type=float, default=PEER_TIMEOUT,
-                         help="with a cluster ($TF_CONFIG): how long to wait for every other worker to join before "
-                              f"stopping in one line (default: {PEER_TIMEOUT:g})")
+                         help="with a cluster ($TF_CONFIG or Slurm): how long to wait for every other worker to "
+                              "join, and for a collective between them, before stopping in one line "
+                              f"(default: {PEER_TIMEOUT:g})")
+    devices.add_argument("--cpu", action="store_true",
+                         help="train on the CPU: without it, training stops at once on a machine with NVIDIA GPUs "
+                              "that TensorFlow cannot use (CUDA_VISIBLE_DEVICES=\"\" says the same)")
     devices.add_argument("--cpu-devices", metavar="N", type=int, default=0,
                          help="split the CPU into N logical devices, for --distribute mirrored on a machine "
                               "without GPUs (default: 0, the CPU as one device)")
@@ -112,16 +128,16 @@ def gpus():
     return tf.config.get_visible_devices("GPU")
 
 
-def use_gpus(choice):
+def use_gpus(choice, cpu=False):
     """Take only the GPUs the run needs, and their memory as it grows, so that a shared box keeps the rest.
 
     One device (`off`): the first visible GPU only (CUDA_VISIBLE_DEVICES picks which); a strategy:
-    every visible GPU. Without memory growth TensorFlow would reserve nearly all of each GPU's
+    every visible GPU; `cpu` (--cpu): none. Without memory growth TensorFlow would reserve nearly all of each GPU's
     memory at start. Must run before TensorFlow initialises its devices; a second run in one
     process keeps what the first set.
     """
     visible = gpus()
-    used = visible[:1] if choice == "off" else visible
+    used = [] if cpu else visible[:1] if choice == "off" else visible
     try:
         if len(used) < len(visible):
             tf.config.set_visible_devices(used, "GPU")
@@ -145,15 +161,40 @@ def newer_than_the_wheel(details, build_info):
             f"~/.nv/ComputeCache keeps them; CUDA_CACHE_MAXSIZE=4294967296 makes it large enough)")
 
 
-def choose(choice):
-    """What --distribute `choice` means here: `auto` becomes multi-worker when $TF_CONFIG names a cluster of
-    two or more tasks, else mirrored over two or more visible GPUs, else off; multi-worker needs a cluster."""
+def choose(choice, step_multiply_adds=None):
+    """What --distribute `choice` means here: `auto` becomes multi-worker when $TF_CONFIG (or Slurm, see
+    `slurm_cluster`) names a cluster of two or more tasks, else mirrored over the visible GPUs when
+    `pays_to_mirror` (each GPU's share of the step's `step_multiply_adds` is large enough), else
+    off, saying so on a box of several GPUs; multi-worker needs a cluster. Without
+    `step_multiply_adds` (the model not yet known) `auto` outside a cluster stays auto."""
+    slurm_cluster()
     if choice == "auto":
-        return "multi-worker" if cluster_tasks() >= 2 else "mirrored" if len(gpus()) >= 2 else "off"
+        if cluster_tasks() >= 2:
+            return "multi-worker"
+        if step_multiply_adds is None:
+            return "auto"
+        count = len(gpus())
+        if count < 2:
+            return "off"
+        share = step_multiply_adds / count / 1e9
+        if pays_to_mirror(step_multiply_adds, count):
+            print(f"--distribute auto: mirrored over the {count} GPUs, each with {share:.0f} G multiply-adds of "
+                  f"a step's forward passes (one GPU: --distribute off)")
+            return "mirrored"
+        print(f"--distribute auto: one GPU of {count}, as each GPU's share of a step ({share:.1f} G multiply-adds "
+              f"of forward passes, under {MIRROR_MIN_GMACS:g} G) would not pay for the collectives between them "
+              f"(all {count}: --distribute mirrored)")
+        return "off"
     if choice == "multi-worker" and cluster_tasks() < 2:
         raise UsageError("argument --distribute: multi-worker needs TF_CONFIG naming a cluster of two or "
                          "more tasks")
     return choice
+
+
+def pays_to_mirror(step_multiply_adds, count):
+    """Whether mirroring over `count` GPUs pays: each GPU's share of a step's forward passes (G's and D's,
+    `step_multiply_adds` in all) is at least MIRROR_MIN_GMACS billion multiply-adds."""
+    return step_multiply_adds / count >= MIRROR_MIN_GMACS * 1e9
 
 
 def place(choice):
@@ -168,12 +209,13 @@ def place(choice):
     return kind == "chief" or ("chief" not in spec["cluster"] and index == 0), f"{kind} {index}"
 
 
-def take_devices(choice, cpu_devices):
-    """Make the devices `choice` trains on (the CPU split into `cpu_devices`, the GPUs it needs, `use_gpus`);
-    return the replica count its strategy will have. Runs before TensorFlow initialises its devices."""
+def take_devices(choice, cpu_devices, cpu=False):
+    """Make the devices `choice` trains on (the CPU split into `cpu_devices`, the GPUs it needs, `use_gpus`,
+    none with `cpu`); return the replica count its strategy will have. Runs before TensorFlow
+    initialises its devices."""
     if cpu_devices:
         split_cpu(cpu_devices)
-    use_gpus(choice)
+    use_gpus(choice, cpu)
     if choice == "off":
         return 1
     if choice == "multi-worker":  # Each machine's GPUs, or its CPU.
@@ -191,7 +233,13 @@ def create(settings):
         strategy = tf.distribute.get_strategy()
     elif settings.distribute == "multi-worker":
         wait_for_peers(settings.peer_timeout)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # NCCL between GPUs (TensorFlow's AUTO takes the gRPC ring); a collective that waits longer than
+        # --peer-timeout for a dead peer fails, and `loop.train` says so in one line.
+        implementation = tf.distribute.experimental.CommunicationImplementation
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementation.NCCL if gpus() else implementation.AUTO,
+                timeout_seconds=60 * settings.peer_timeout))
     else:
         logical_gpus = tf.config.list_logical_devices("GPU")
         devices = [device.name for device in (logical_gpus or tf.config.list_logical_devices("CPU"))]
@@ -202,6 +250,57 @@ def create(settings):
                          f"replicas where {settings.replicas} were expected (every machine of a cluster must have "
                          f"as many GPUs as this one)")
     return strategy
+
+
+def slurm_cluster():
+    """Without $TF_CONFIG, in a Slurm job step of two or more tasks (`srun python dcgan_mnist.py`), set
+    $TF_CONFIG from Slurm's environment with TensorFlow's own SlurmClusterResolver, and print the layout.
+
+    Each task is a worker at port $GAN_MNIST_SLURM_PORT (default 8888) plus its place on its node;
+    the resolver gives each task its node's GPUs (asking nvidia-smi how many), or, on a machine
+    without NVIDIA GPUs, none. Runs before TensorFlow initialises its devices.
+    """
+    if os.environ.get("TF_CONFIG") or int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1) < 2:
+        return
+    try:
+        port = int(os.environ.get("GAN_MNIST_SLURM_PORT", SLURM_PORT_BASE))
+    except ValueError:
+        raise UsageError(f"environment variable GAN_MNIST_SLURM_PORT: not a port number, got "
+                         f"{os.environ['GAN_MNIST_SLURM_PORT']!r}") from None
+    try:
+        # Without NVIDIA GPUs the resolver is told so: one (unused) slot per task, CUDA_VISIBLE_DEVICES untouched.
+        local = {} if nvidia_gpu_count() else dict(
+            gpus_per_node=max(expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1"))),
+            gpus_per_task=1, auto_set_gpu=False)
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port, **local)
+        cluster = resolver.cluster_spec().as_dict()
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UsageError(f"environment variable SLURM_*: the Slurm job step cannot be read as a cluster "
+                         f"({error})") from None
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": resolver.task_type,
+                                                                       "index": resolver.task_id}})
+    print(f"Slurm: task {os.environ.get('SLURM_PROCID')} of {os.environ.get('SLURM_STEP_NUM_TASKS')} is "
+          f"{resolver.task_type} {resolver.task_id} of {', '.join(cluster['worker'])}"
+          + (f", GPUs {os.environ.get('CUDA_VISIBLE_DEVICES')}" if not local else ", no GPUs"), flush=True)
+
+
+def nvidia_gpu_count():
+    """How many NVIDIA GPUs this machine's driver lists (errors.nvidia_gpus)."""
+    from ganlab.errors import nvidia_gpus
+    return len(nvidia_gpus())
+
+
+def device_memory():
+    """Bytes of memory of the smallest GPU this process uses (`nvidia-smi`'s total), or None on the CPU,
+    whose memory is the host's."""
+    if not gpus():
+        return None
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=30).stdout
+        return min(int(line.strip()) for line in listed.splitlines() if line.strip()) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
 
 
 def wait_for_peers(minutes):

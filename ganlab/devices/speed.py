@@ -14,6 +14,10 @@ from ganlab.devices import distribute
 from ganlab.errors import UsageError
 
 PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# On GPUs, --steps-per-call 0 runs enough steps in a call that it holds about this many multiply-adds of
+# training (a step: ~9 times its forward passes' `step_multiply_adds`, with the backward passes), some tens
+# of milliseconds on a current GPU, so that the host's ~1 ms between calls is small beside it.
+GPU_CALL_MULTIPLY_ADDS = 2e12
 
 
 def add_flags(parser):
@@ -27,8 +31,10 @@ def add_flags(parser):
                             "measured slower; always off over several replicas: TensorFlow 2.21 compiles a replica's "
                             "step only when every device is a GPU, a path no CPU can run, so it is left untried)")
     speed.add_argument("--steps-per-call", metavar="K", type=int, default=0,
-                       help="training steps run in one compiled call (default: 0, which picks 10 for the GAN and "
-                            "on GPUs, 1 for the DCGAN on the CPU)")
+                       help="training steps run in one compiled call (default: 0, which picks 10 for the GAN and 1 "
+                            "for the DCGAN on the CPU; on GPUs, enough that a call holds about "
+                            f"{GPU_CALL_MULTIPLY_ADDS / 1e12:g} T multiply-adds of training (10 to 100), so that the "
+                            "host's ~1 ms per call is small beside it)")
     return speed
 
 
@@ -46,16 +52,16 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose(values, saved_precision, default_steps_per_call):
+def choose(values, default_steps_per_call):
     """--precision auto, --xla and --steps-per-call 0 made what measured fastest on this device: a dict of
     the three, from `values` (the settings being resolved: these flags, `replicas`, `resume`, `out`).
 
     On this project's 2-core CPU (AVX512-BF16), bf16 ran the DCGAN step 1.3x faster than fp32 and
     XLA ran it 1.5x slower; on GPUs, XLA and several steps per call remove per-step overhead, and
     bf16 (compute capability 8+) or fp16 with loss scaling (7.x) use the tensor cores. A preset
-    with `bf16_on_cpu` False keeps fp32 on the CPU, where bf16 measured slower for it. On --resume
-    the precision keeps to the side of fp16 that the checkpoint (`saved_precision`) is on
-    (`matching_precision`).
+    with `bf16_on_cpu` False keeps fp32 on the CPU, where bf16 measured slower for it. A resumed run
+    takes this machine's precision too: its checkpoint moves between fp16 and the others
+    (`checkpoint.Checkpoint` restores around the loss scale).
     """
     gpus = distribute.gpus()
     precision, xla, replicas = values["precision"], values["xla"], values["replicas"]
@@ -71,26 +77,16 @@ def choose(values, saved_precision, default_steps_per_call):
         print(f"--xla ignored over the {replicas} replicas of --distribute: TensorFlow compiles a replica's "
               f"step with XLA only when every device is a GPU, a path not yet checked here")
         xla = False
-    if values["resume"]:
-        precision = matching_precision(precision, values["precision"], saved_precision, values["out"])
-    return dict(precision=precision, xla=xla,
-                steps_per_call=values["steps_per_call"] or (10 if gpus else default_steps_per_call))
+    steps_per_call = values["steps_per_call"] or (
+        gpu_steps_per_call(values["step_multiply_adds"], replicas) if gpus else default_steps_per_call)
+    return dict(precision=precision, xla=xla, steps_per_call=steps_per_call)
 
 
-def matching_precision(precision, requested, saved, out):
-    """On --resume, keep fp16 (whose optimizers carry a loss scale) or non-fp16, as the checkpoint holds.
-
-    An explicit --precision (`requested`) that crosses that line is refused naming the flag; `auto`
-    follows the run (`saved`, the run in `out` trained in it).
-    """
-    if (saved == "fp16") == (precision == "fp16"):
-        return precision
-    if requested != "auto":
-        raise UsageError(f"argument --precision: the run in {out} was trained in {saved}; "
-                         f"{'fp16 adds' if saved != 'fp16' else 'it has'} a loss scale that "
-                         f"{'its checkpoint lacks' if saved != 'fp16' else precision + ' lacks'}: "
-                         f"resume in {saved if saved == 'fp16' else 'bf16 or fp32'}")
-    return "fp16" if saved == "fp16" else "fp32"
+def gpu_steps_per_call(step_multiply_adds, replicas=1):
+    """--steps-per-call 0 on GPUs: enough steps that a call holds GPU_CALL_MULTIPLY_ADDS of training on each
+    GPU (a step's training ~9 times its forward passes), from 10 to 100 (10 when the model's work is unknown)."""
+    per_step = 9 * step_multiply_adds / replicas
+    return int(min(100, max(10, -(-GPU_CALL_MULTIPLY_ADDS // per_step)))) if per_step else 10
 
 
 def set_precision(precision):

@@ -27,7 +27,7 @@ class Checkpoint:
     that do not read.
     """
 
-    def __init__(self, run, state, fixed_noise, steps_per_epoch):
+    def __init__(self, run, state, fixed_noise, steps_per_epoch, saved_precision=None):
         self.run = run
         self.progress = {"fixed_noise": tf.Variable(fixed_noise.astype(np.float32), trainable=False),
                          "epochs_done": tf.Variable(0, dtype=tf.int64, trainable=False),
@@ -38,6 +38,9 @@ class Checkpoint:
         tracked = {name: list(value.variables) if isinstance(value, keras.Model) else value
                    for name, value in state.items()}
         self.checkpoint = tf.train.Checkpoint(**tracked, **self.progress)
+        # A run that moves between fp16 and another precision reads its optimizers around the loss scale.
+        self.reading = tf.train.Checkpoint(**{name: across_loss_scale(value, saved_precision == "fp16")
+                                              for name, value in tracked.items()}, **self.progress)
         self._rebuild_lost_index()
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(run.checkpoints), max_to_keep=3)
         self.steps_per_epoch = steps_per_epoch
@@ -62,7 +65,7 @@ class Checkpoint:
         skipped = []
         for prefix in self.run.restore_from.checkpoint_prefixes():
             try:
-                status = self.checkpoint.restore(prefix)
+                status = self.reading.restore(prefix)
                 status.expect_partial()  # A mismatch is said in one line below, not in TensorFlow's warnings.
                 status.assert_existing_objects_matched()
                 history = json.loads(self.progress["history"].numpy().decode())
@@ -97,3 +100,13 @@ class Checkpoint:
         self.progress["history"].assign(json.dumps(history))
         self.manager.save(checkpoint_number=epochs_completed * self.steps_per_epoch + steps_into_epoch)
         self.saved_at = time.perf_counter()
+
+
+def across_loss_scale(value, saved_in_fp16):
+    """What reads `value` from a checkpoint saved in fp16 (`saved_in_fp16`) or not: an optimizer whose side of
+    fp16 differs reads only the Adam state, inside or outside the saved loss-scale optimizer (whose
+    scale is dropped, or starts afresh); anything else is read as it is."""
+    scaled = isinstance(value, keras.optimizers.LossScaleOptimizer)
+    if not isinstance(value, keras.optimizers.Optimizer) or scaled == saved_in_fp16:
+        return value
+    return value.inner_optimizer if scaled else tf.train.Checkpoint(inner_optimizer=value)

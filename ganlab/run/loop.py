@@ -11,7 +11,9 @@ the user watches (outputs.py), and stops on a signal or a NaN with the command t
     main -> train -> train_epochs -> run_epoch -> train_steps (compiled) -> replica_step -> train_step
 """
 
+import contextlib
 import dataclasses
+import re
 import time
 from typing import Callable
 
@@ -22,14 +24,17 @@ import tensorflow as tf
 import utils
 from ganlab import models
 from ganlab.devices import distribute, speed
-from ganlab.errors import UsageError, is_out_of_space, model_sizes, out_of_memory
+from ganlab.errors import DataError, TrainingStopped, UsageError, is_out_of_space, model_sizes, out_of_memory
 from ganlab.run import directory as run_directory
 from ganlab.run.checkpoint import Checkpoint
 from ganlab.run.outputs import METRICS, EpochOutputs, outputs_behind
-from ganlab.run.stopping import StopNow, StopRequests, check_finite, interrupted
+from ganlab.run.stopping import StopNow, StopRequests, check_finite, interrupted, resume_command
 from ganlab.sampling import sample
 
 CHECKPOINT_MINUTES = 10.0  # Besides each epoch's end: a crash loses minutes of training, not an epoch.
+# What an error of the first XLA call says when it comes from compiling (not from the data or memory): XLA's own
+# words, CUDA's compilers and libraries (ptxas, nvJitLink, nvlink, libdevice) and cuDNN.
+XLA_COMPILE_FAILURE = re.compile(r"compil|XLA|xla|ptxas|nvjitlink|nvlink|libdevice|PTX|cudnn|DNN library", re.I)
 
 
 def add_flags(parser):
@@ -132,19 +137,44 @@ def train(config, run, data, build_training, transform="none", hooks=None, strat
         evaluator = sample.load_evaluator(config) if config.eval_every else None
         sizes = model_sizes(config)  # Named if memory runs out.
         with out_of_memory("building the models", sizes):
-            state = start_or_restore(config, run, build_training, hooks, len(images) // config.batch_size, strategy)
+            state = make_state(config, build_training, strategy)
+            state.train_step = hooks.step(state.train_step, state)
+        with out_of_memory("placing the data", f"{sizes} and a training set of {images.nbytes / 1e6:.0f} MB (--limit)"):
+            # Traced before the checkpoint is read, so that the call's name, on which XLA's cache keys its
+            # program, is the same in every process of the model, fresh or resumed.
+            train_steps = hooks.calls(compile_steps(state, images, labels, config, strategy))
+        start_or_restore(config, run, state, len(images) // config.batch_size)
         try:
             write_run_start(config, run, images, transform, state.history)
-            train_steps = hooks.calls(compile_steps(state, images, labels, config, strategy))
-            outputs = EpochOutputs(config, run, state, evaluator, transform, hooks)
             with out_of_memory("training", sizes):
+                outputs = EpochOutputs(config, run, state, evaluator, transform, hooks)
                 train_epochs(config, run, state, train_steps, outputs, len(images))
         except (OSError, tf.errors.OpError) as error:
+            if config.distribute == "multi-worker" and isinstance(error, PEER_LOST):
+                raise TrainingStopped(f"a worker of the cluster stopped answering ({first_line(error)}); this one "
+                                      f"stopped too, its last checkpoint kept. When every worker can run, start "
+                                      f"each with: {resume_command(config, run.restore_from)}", 1) from None
             if not is_out_of_space(error):
                 raise
             run.remove_temporaries()
             raise run.out_of_space(state.checkpoint.bytes_per_epoch) from None
         return state.history
+
+
+# What a collective raises when a peer of the cluster died: MultiWorkerMirroredStrategy's health check aborts the
+# collectives (unavailable, cancelled, aborted), or the collective timeout (--peer-timeout) passes.
+PEER_LOST = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+             tf.errors.DeadlineExceededError)
+
+
+def first_line(error):
+    """What a TensorFlow error says, in one line: its message's first line that is not the frame around it
+    ("Graph execution error:", the Python stack of the node), without the op's name."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()]
+    said = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at node",
+                                                                     "File ", "[[", "{{", "Traceback"))
+            and not line.endswith("(most recent call last):") and not line.startswith(tuple("0123456789"))]
+    return re.sub(r"\s*\[Op:[^\]]*\]$", "", said[0] if said else type(error).__name__)
 
 
 def train_epochs(config, run, state, train_steps, outputs, image_count):
@@ -162,20 +192,26 @@ def train_epochs(config, run, state, train_steps, outputs, image_count):
     trained = state.epochs_done >= config.epochs  # Stopped in its closing outputs: only those remain.
     if state.epochs_done and not state.skip and (trained or outputs_behind(run, state.epochs_done)):
         outputs.write_epoch(state.epochs_done, gif=trained)
-    with StopRequests() as requests:
-        for epoch in range(state.epochs_done + 1, config.epochs + 1):
-            first_step = state.skip if epoch == state.epochs_done + 1 else 0
-            batches = epoch_batches(config.seed, epoch, image_count, state.steps, config.batch_size)
-            try:
-                means, seconds = run_epoch(config, state, outputs, train_steps, epoch, batches, first_step, requests)
-                outputs.end_epoch(epoch, means, seconds, requests)  # A signal in its evaluation: StopNow.
-                state.checkpoint.save(state.history, epoch, 0)
-                outputs.write_epoch(epoch, gif=requests.signal is not None or epoch == config.epochs)
-                if requests.signal and epoch < config.epochs:
-                    raise StopNow(epoch_saved=True)
-            except StopNow as stopped:
-                raise stop(config, run, state, outputs, requests.signal, epoch, stopped) from None
-    outputs.finish()
+    try:
+        with StopRequests() as requests:
+            for epoch in range(state.epochs_done + 1, config.epochs + 1):
+                first_step = state.skip if epoch == state.epochs_done + 1 else 0
+                batches = epoch_batches(config.seed, epoch, image_count, state.steps, config.batch_size)
+                try:
+                    means, seconds = run_epoch(config, state, outputs, train_steps, epoch, batches, first_step,
+                                               requests)
+                    outputs.end_epoch(epoch, means, seconds, requests)  # A signal in its evaluation: StopNow.
+                    state.checkpoint.save(state.history, epoch, 0)  # Then the next epoch, its outputs beside it.
+                    outputs.write_epoch(epoch, gif=requests.signal is not None or epoch == config.epochs)
+                    if requests.signal and epoch < config.epochs:
+                        raise StopNow(epoch_saved=True)
+                except StopNow as stopped:
+                    raise stop(config, run, state, outputs, requests.signal, epoch, stopped) from None
+        outputs.finish()
+    except BaseException:  # Whatever stops the run, the files being written are finished first.
+        with contextlib.suppress(Exception):
+            outputs.files.wait()
+        raise
 
 
 def stop(config, run, state, outputs, signum, epoch, stopped):
@@ -186,7 +222,7 @@ def stop(config, run, state, outputs, signum, epoch, stopped):
     cover the epochs before; after the epoch's own checkpoint and outputs, nothing is left to save.
     """
     if stopped.epoch_saved:
-        outputs.writer.close()
+        outputs.close()
         where = f"the end of epoch {epoch}"
     else:
         step = stopped.step if stopped.step is not None else state.steps
@@ -203,12 +239,10 @@ def stop(config, run, state, outputs, signum, epoch, stopped):
 # ---------------------------------------------------------------------------------------------
 
 
-def start_or_restore(config, run, build_training, hooks, steps, strategy=None):
-    """The run's TrainingState (`make_state`) with its checkpoint; with --resume, restored from the last one."""
-    state = make_state(config, build_training, strategy)
-    state.train_step = hooks.step(state.train_step, state)
+def start_or_restore(config, run, state, steps):
+    """Give the run's TrainingState (`make_state`) its checkpoint; with --resume, restore it from the last one."""
     fixed_noise = np.random.default_rng(config.seed).standard_normal((config.sample_grid ** 2, config.latent_dim))
-    state.checkpoint = Checkpoint(run, state.trackables(), fixed_noise, steps)
+    state.checkpoint = Checkpoint(run, state.trackables(), fixed_noise, steps, config.saved_precision)
     if config.resume:
         state.history = state.checkpoint.restore()
     state.epochs_done, state.skip = state.checkpoint.position()
@@ -224,7 +258,6 @@ def start_or_restore(config, run, build_training, hooks, steps, strategy=None):
     if config.resume and state.epochs_done >= config.epochs and finished:  # Else it stopped in its last outputs.
         raise UsageError(f"argument --epochs: the run in {run.path} has already trained {state.epochs_done} epochs; "
                          f"pass a larger --epochs to train on")
-    return state
 
 
 def make_state(config, build_training, strategy=None):
@@ -235,10 +268,11 @@ def make_state(config, build_training, strategy=None):
         if config.deterministic:  # Repeatable ops, for bit-exact repeats on GPUs.
             tf.config.experimental.enable_op_determinism()
         speed.set_precision(config.precision)
-        if not config.xla:
+        if not config.xla and not distribute.gpus():
             # Grappler's remapper fails on the DCGAN's bias-free convolution + batch norm + LeakyReLU
             # ("remapper failed ... LeakyReluGrad ... missing node BiasAdd") and skips the whole graph;
-            # switched off, the error line goes and the step measured as fast or faster on the CPU.
+            # switched off, the error line goes and the step measured as fast or faster on the CPU. Only there:
+            # on GPUs its convolution + bias + activation and batch-norm fusions count.
             tf.config.optimizer.set_experimental_options({"remapping": False})
         train_step, parts = build_training(config)
         state = TrainingState(**parts, train_step=train_step)
@@ -285,45 +319,123 @@ def compile_steps(state, images, labels, config, strategy=None):
     The dataset lives in a variable on each device (one copy per replica under a tf.distribute
     `strategy`), read with ResourceGather, which has a GPU kernel for uint8 where GatherV2 has none
     (a constant would be gathered on the host, and under MirroredStrategy copied there whole every
-    step). Each replica takes its share of the batch (`distribute.shares`); the returned values are
-    the global batch's, all-reduced on the devices, never the host. The returned function takes
-    (K, batch_size) image indices and returns (K, 4) float32 values of METRICS. Its signature leaves
-    K open, so the shorter last call of an epoch does not retrace.
+    step). A set that does not fit the device's memory (`fits_on_device`)
+    stays in host memory instead, and each call's batches are gathered there and copied in; the
+    next call's copy is made while the device runs the current one (see `run_epoch`). Each replica
+    takes its share of the batch (`distribute.shares`); the returned values are the global batch's,
+    all-reduced on the devices, never the host. Returns a `CompiledCalls`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     rows = distribute.shares(config.batch_size, replicas)
+    calls = min(config.steps_per_call, max(len(images) // config.batch_size, 1))  # K, the program's one shape.
+    on_host = not fits_on_device(images)
     copies = []
-    for device in strategy.extended.worker_devices if replicas > 1 else [None]:  # A copy on each local device.
-        with tf.device(device):
+    for device in [] if on_host else strategy.extended.worker_devices if replicas > 1 else [None]:
+        with tf.device(device):  # A copy on each local device.
             copies.append((tf.Variable(images, trainable=False),
                            tf.Variable(tf.cast(labels, tf.int64), trainable=False)))  # No int32 ResourceGather on GPUs.
 
-    def replica_step(step_indices):
+    def replica_step(step_input):
         replica = distribute.replica_index()
         start, end = rows[replica]
-        local_images, local_labels = copies[replica % len(copies)]
-        mine = step_indices[start:end]
-        batch = tf.cast(local_images.sparse_read(mine), tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
-        step_values = state.train_step(batch, tf.cast(local_labels.sparse_read(mine), tf.int32))
-        if state.averaged:  # Once per step for all replicas (in cross-replica context; a plain call on one device).
-            tf.distribute.get_replica_context().merge_call(lambda strategy: state.averaged.update())
+        if on_host:  # The batch itself, (images, labels): this replica's rows of it.
+            batch, batch_labels = (part[start:end] for part in step_input)
+        else:  # The batch's indices into the set on this device.
+            local_images, local_labels = copies[replica % len(copies)]
+            mine = step_input[start:end]
+            batch, batch_labels = local_images.sparse_read(mine), local_labels.sparse_read(mine)
+        batch = tf.cast(batch, tf.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        step_values = state.train_step(batch, tf.cast(batch_labels, tf.int32))
+        if state.averaged:  # On each device, from that device's weights: no copy between devices.
+            state.averaged.update()
         values = tf.stack([tf.cast(step_values[key], tf.float32) for key in METRICS])
         if replicas == 1:
             return values
         # The global batch's means: each replica's weighted by its share, summed on the devices.
         return tf.distribute.get_replica_context().all_reduce("sum", values * ((end - start) / config.batch_size))
 
-    @tf.function(input_signature=[tf.TensorSpec((None, config.batch_size), tf.int32)], jit_compile=config.xla)
-    def train_steps(batch_indices):
-        count = tf.shape(batch_indices)[0]
-        values = tf.TensorArray(tf.float32, size=count)
-        for index in tf.range(count):  # Outside strategy.run: one compiled call holds K steps.
-            per_replica = strategy.run(replica_step, args=(batch_indices[index],))
+    indices = tf.TensorSpec((calls, config.batch_size), tf.int32)
+    if on_host:  # The batches themselves, gathered on the host.
+        indices = (tf.TensorSpec((calls, config.batch_size) + images.shape[1:], tf.uint8),
+                   tf.TensorSpec((calls, config.batch_size), tf.int64))
+    signature = [indices, tf.TensorSpec((), tf.int32)]
+
+    def train_steps(step_inputs, count):
+        # One program of K steps whatever `count` (<= K) runs: a fixed shape, and a loop bound XLA need not
+        # know when compiling, so the shorter last call of an epoch and a resume mid-epoch compile nothing new.
+        values = tf.TensorArray(tf.float32, size=calls)
+        index = tf.constant(0)
+        while index < count:  # Outside strategy.run: one compiled call holds K steps.
+            step_input = tf.nest.map_structure(lambda inputs: inputs[index], step_inputs)
+            per_replica = strategy.run(replica_step, args=(step_input,))
             values = values.write(index, strategy.experimental_local_results(per_replica)[0])
+            index += 1
         return values.stack()
 
-    return train_steps
+    return CompiledCalls(train_steps, signature, config.xla, calls, (images, labels) if on_host else None)
+
+
+def fits_on_device(images):
+    """Whether the uint8 training set (with its int64 labels) fits on each device: at most DEVICE_SHARE of its
+    memory (`distribute.device_memory`; the CPU's is the host's). If not, says so in one line."""
+    memory, size = distribute.device_memory(), images.nbytes + 8 * len(images)
+    if memory is None or size <= distribute.DEVICE_SHARE * memory:
+        return True
+    print(f"The training set ({utils.size_text(size)}) is over {distribute.DEVICE_SHARE:.0%} of a GPU's memory "
+          f"({utils.size_text(memory)}): it stays in host memory and each call's batches are copied in (the next "
+          f"while the GPU runs the current)", flush=True)
+    return False
+
+
+class CompiledCalls:
+    """The compiled K-step call of `compile_steps`: `calls(indices)` runs the steps of `indices` ((k, batch)
+    image indices, k <= K) and returns their (k, 4) float32 METRICS values, a tensor not yet read.
+
+    The program always takes K rows (the rest padded, the step count passed as a value), so one
+    process compiles it once; with XLA, TensorFlow's persistent cache keeps it for the next process
+    (`ganlab.cache_dir`). If XLA cannot compile it (on a GPU: no `ptxas` or nvJitLink, no libdevice, an
+    older cuDNN), the first call says so in one line and runs it compiled by TensorFlow alone; any
+    other failure of the first call is one line too.
+    """
+
+    def __init__(self, function, signature, xla, calls, host_data=None):
+        self.python_function, self.signature, self.xla, self.calls = function, signature, xla, calls
+        self.host_data = host_data  # (images, labels) in host memory, when the set does not fit the device.
+        self.compiled = tf.function(function, input_signature=signature, jit_compile=xla)
+        self.compiled.get_concrete_function()  # Traced now (see `train`); compiled at the first call.
+        self.called = False
+
+    def __call__(self, indices):
+        count = len(indices)
+        padded = np.zeros((self.calls, indices.shape[1]), np.int32)
+        padded[:count] = indices
+        inputs = padded
+        if self.host_data is not None:  # Gathered here, copied in as the call's input.
+            images, labels = self.host_data
+            inputs = (images[padded], labels[padded].astype(np.int64))
+        if self.called:
+            return self.compiled(inputs, count)[:count]
+        try:  # The first call compiles.
+            values = self.compiled(inputs, count)[:count]
+            self.called = True
+            return values
+        except tf.errors.ResourceExhaustedError:
+            raise  # Out of memory: said by `out_of_memory`.
+        except tf.errors.OpError as error:
+            reason = first_line(error)
+            if not XLA_COMPILE_FAILURE.search(str(error)):
+                raise DataError(f"the first training call failed: {reason}") from None
+            print(f"XLA could not compile the training call ({reason}); training without XLA (--no-xla "
+                  f"says so at the start)", flush=True)
+            self.xla, self.compiled = False, tf.function(self.python_function, input_signature=self.signature)
+            return self(indices)
+
+    def get_concrete_function(self):
+        return self.compiled.get_concrete_function()
+
+    def experimental_get_tracing_count(self):
+        return self.compiled.experimental_get_tracing_count()
 
 
 def epoch_batches(seed, epoch, count, steps, batch_size):
@@ -338,26 +450,43 @@ def epoch_batches(seed, epoch, count, steps, batch_size):
 def run_epoch(config, state, outputs, train_steps, epoch, batches, first_step, requests):
     """Train one epoch from `first_step`, call by call; return (the epoch's metric means, its seconds).
 
-    After each call: stop on a non-finite value (keeping the last good checkpoint), record the
-    steps, update the status line; every --checkpoint-minutes save a mid-epoch checkpoint; on a
-    signal raise StopNow for `stop`.
+    One call is kept in flight: the next call is dispatched before the last one's values are read,
+    so the host's reading, checking and recording overlap the device's steps. After each call is
+    read: stop on a non-finite value (keeping the last good checkpoint), record the steps, update
+    the status line. For a signal (StopNow for `stop`) or a --checkpoint-minutes save, nothing more
+    is dispatched and the call in flight is read first, so that the state saved is the steps recorded.
     """
     steps, history = len(batches), state.history
     partial = history.pop("partial_epoch", None) if first_step else None
     resumed_seconds = partial["seconds"] if partial else 0.0
     epoch_start = time.perf_counter() - resumed_seconds
-    for call_start in range(first_step, steps, config.steps_per_call):
-        call_values = train_steps(batches[call_start:call_start + config.steps_per_call]).numpy()
+
+    def read(call_start, values):
+        """Read a dispatched call's values, check and record them; return (the step after it, seconds so far)."""
+        call_values = np.asarray(values)
         check_finite(call_values, epoch, call_start, outputs.run, config, state.steps_run)
         state.steps_run += len(call_values)
         outputs.record_steps(call_values, (epoch - 1) * steps + call_start)
-        step = call_start + len(call_values)
-        elapsed = time.perf_counter() - epoch_start
+        step, elapsed = call_start + len(call_values), time.perf_counter() - epoch_start
         outputs.status.update(epoch, step, steps, (step - first_step) * config.batch_size
                               / max(elapsed - resumed_seconds, 1e-9), dict(zip(METRICS, call_values[-1].tolist())))
-        if step < steps and requests.signal:
-            raise StopNow(step=step, seconds=elapsed)
-        if step < steps and state.checkpoint.due(config.checkpoint_minutes):
-            state.save_mid_epoch(epoch, step, elapsed)
+        return step, elapsed
+
+    in_flight = None  # (first step, values) of the call dispatched and not yet read
+    for call_start in range(first_step, steps, config.steps_per_call):
+        dispatched = (call_start, train_steps(batches[call_start:call_start + config.steps_per_call]))
+        if in_flight:
+            read(*in_flight)  # While the device runs the call just dispatched.
+        in_flight = dispatched
+        due = state.checkpoint.due(config.checkpoint_minutes)
+        if requests.signal or due:
+            step, elapsed = read(*in_flight)
+            in_flight = None
+            if step < steps and requests.signal:
+                raise StopNow(step=step, seconds=elapsed)
+            if step < steps and due:
+                state.save_mid_epoch(epoch, step, elapsed)
+    if in_flight:
+        read(*in_flight)
     means = {key: float(np.mean(history["iterations"][key][-steps:])) for key in METRICS}
     return means, time.perf_counter() - epoch_start

@@ -4,10 +4,13 @@
 checkpoint is saved; `StatusLine` is the one-line progress display.
 """
 
+import collections
 import json
 import sys
+import threading
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -48,6 +51,57 @@ def describe(values):
             f"D(x) {values['d_real']:.2f} D(G(z)) {values['d_fake']:.2f}")
 
 
+class BackgroundFiles:
+    """Writes files beside training, in one thread, in the order given, so that the device never waits for
+    a plot. A job submitted under the `key` of one not yet started replaces it (only the newest loss
+    plot matters). A job's error (a full disk, say) is raised in the training thread at the next
+    `submit` or `wait`. Every job writes atomically (utils.atomic_path), so a kill at any moment
+    leaves whole files; the run's end, and a stop, `wait` for all of them.
+    """
+
+    def __init__(self):
+        self._jobs = collections.OrderedDict()  # key -> job, oldest first
+        self._condition = threading.Condition()
+        self._busy, self._error = False, None
+        threading.Thread(target=self._work, name="outputs", daemon=True).start()
+
+    def submit(self, key, job):
+        """Run `job()` in the writer thread, after the jobs before it; it replaces a waiting job of `key`."""
+        self._raise_error()
+        with self._condition:
+            self._jobs.pop(key, None)
+            self._jobs[key] = job
+            self._condition.notify_all()
+
+    def wait(self):
+        """Return once every submitted job has run; raise the first error of one."""
+        with self._condition:
+            while self._jobs or self._busy:
+                self._condition.wait(0.1)  # A timeout, so that a signal's handler runs meanwhile.
+        self._raise_error()
+
+    def _raise_error(self):
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _work(self):
+        while True:
+            with self._condition:
+                while not self._jobs:
+                    self._condition.wait()
+                _, job = self._jobs.popitem(last=False)
+                self._busy = True
+            try:
+                job()
+            except Exception as error:  # noqa: BLE001 - handed to the training thread, which says it in one line.
+                self._error = self._error or error
+            finally:
+                with self._condition:
+                    self._busy = False
+                    self._condition.notify_all()
+
+
 class EpochOutputs:
     """Everything a user looks at while a run trains, written into its directory (keras-io's GANMonitor).
 
@@ -63,6 +117,10 @@ class EpochOutputs:
         self.writer = tf.summary.create_file_writer(str(run.tensorboard))
         self.status = StatusLine(config.epochs)
         self.grid_noise, self.grid_labels, self.grid_columns = grid_inputs(config, state.fixed_noise)
+        self.files = BackgroundFiles()
+        with tf.device("/CPU:0"):  # What generator.keras is saved from, beside training: a copy of the sampler.
+            self.saved_generator = keras.models.clone_model(state.sampler)
+        self.metrics_plotted = 0  # Evaluations in metrics.png (the writer thread's): redrawn only when new.
 
     def record_steps(self, call_values, steps_before):
         """Append a call's per-step values to the history; TensorBoard gets one point per call (its steps'
@@ -90,11 +148,13 @@ class EpochOutputs:
         self.history["total_seconds"] = round(time.perf_counter() - self.state.started, 3)
 
     def write_epoch(self, epoch, gif=False):
-        """The outputs of a checkpointed epoch: its grid, TensorBoard, the generator file, history and plots."""
+        """The outputs of a checkpointed epoch: TensorBoard here; its grid, the generator file, history and plots
+        handed to the writer thread (`files`), from copies made now, as training goes on."""
         steps = self.state.steps
         grid = utils.image_grid(sample.sample_images(self.state.sampler, self.grid_noise, self.grid_labels),
                                 self.grid_columns)
-        utils.save_png(self.run.epoch_grid(epoch), grid)
+        path = self.run.epoch_grid(epoch)
+        self.files.submit(("grid", epoch), lambda: utils.save_png(path, grid))
         summary = next(e for e in self.history["epochs"] if e["epoch"] == epoch)
         evaluations = [e for e in self.history["evaluations"] if e["epoch"] == epoch]
         with self.writer.as_default(step=epoch * steps):
@@ -107,9 +167,15 @@ class EpochOutputs:
                     if "raw" in figures:
                         tf.summary.scalar(f"evaluation_raw_generator/{key}", figures["raw"][key])
         self.writer.flush()
-        with utils.atomic_path(self.run.generator) as temporary:
-            self.state.sampler.save(temporary)
+        weights = self.state.sampler.get_weights()
+        self.files.submit("generator", lambda: self.save_generator(weights))
         self.write_pictures(epoch, gif=gif)
+
+    def save_generator(self, weights):
+        """generator.keras: the sampler's `weights` (copied when its epoch ended), saved atomically."""
+        self.saved_generator.set_weights(weights)
+        with utils.atomic_path(self.run.generator) as temporary:
+            self.saved_generator.save(temporary)
 
     def evaluate(self, epoch):
         """Score the sampler (and, with --ema, the raw G beside it); print the figures and keep them in the history."""
@@ -133,24 +199,37 @@ class EpochOutputs:
         self.hooks.evaluated(epoch, figures, score)
 
     def stopped(self, epochs_done):
-        """When a signal stops training: the history, plots and GIF so far, and TensorBoard closed."""
+        """When a signal stops training: the history, plots and GIF so far, written before it returns, and
+        TensorBoard closed."""
         self.write_pictures(epochs_done, gif=True)
+        self.close()
+
+    def close(self):
+        """Wait for every file of the writer thread, then close TensorBoard."""
+        self.files.wait()
         self.writer.close()
 
     def write_pictures(self, epochs_done, gif=False):
-        """The history and the loss and metric plots; with `gif`, the GIF of every epoch grid so far.
+        """The history and the loss plot, and the metrics plot when an evaluation is new; with `gif`, the GIF
+        of every epoch grid so far, written before it returns. All in the writer thread, from a copy.
 
         The GIF re-reads every grid, so it is made when training stops (at the end, or interrupted),
         not after every epoch; a resumed run rebuilds it from all the grids.
         """
-        run, history = self.run, self.history
-        utils.save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
-        utils.plot_history(run.loss_plot, history)
-        if self.evaluator and history["evaluations"]:
-            utils.plot_metrics(run.metrics_plot, history["evaluations"], self.evaluator.floor)
+        run, history = self.run, snapshot(self.history)
+
+        def pictures():
+            utils.save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
+            utils.plot_history(run.loss_plot, history)
+            if self.evaluator and len(history["evaluations"]) != self.metrics_plotted:
+                utils.plot_metrics(run.metrics_plot, history["evaluations"], self.evaluator.floor)
+                self.metrics_plotted = len(history["evaluations"])
+
+        self.files.submit("pictures", pictures)
         if gif:
-            utils.save_gif(run.progress_gif,
-                           [run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()])
+            self.files.submit("gif", lambda: utils.save_gif(run.progress_gif, [
+                run.epoch_grid(e) for e in range(1, epochs_done + 1) if run.epoch_grid(e).is_file()]))
+            self.files.wait()
 
     def finish(self):
         """random_samples.png from fresh noise, metrics.json, and the run's closing lines."""
@@ -161,7 +240,7 @@ class EpochOutputs:
         # The average's batch-norm statistics were refreshed after the last epoch; nothing has moved since.
         utils.save_png(run.random_samples, utils.image_grid(
             sample.sample_images(self.state.sampler, random_noise, random_labels), columns))
-        self.writer.close()
+        self.close()
         total = self.history["total_seconds"]
         print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
               f"Outputs in {run.path}")
@@ -172,6 +251,12 @@ class EpochOutputs:
             print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; {config.dataset} "
                   f"classifier test accuracy {evaluator.test_accuracy:.4f}; written to {run.metrics.name}):\n"
                   f"{evaluation.format_figures(final, evaluator.floor)}")
+
+
+def snapshot(history):
+    """A copy of the history that training can go on appending to: its lists copied, their items shared."""
+    return {key: ({name: list(values) for name, values in value.items()} if key == "iterations"
+                  else list(value) if isinstance(value, list) else value) for key, value in history.items()}
 
 
 def grid_inputs(config, noise):
