@@ -54,7 +54,9 @@ def _import_tensorflow_quietly():
     a one-line error or the progress line. Python errors still surface: they are raised after
     stderr is restored. Training prints the devices in use, so a missing GPU is still reported.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Errors too: each failure a user can act on is said in one line of this project's (ganlab/errors.py), and
+    # TensorFlow's C++ error lines around it (a cluster's peer lost, say) would bury it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

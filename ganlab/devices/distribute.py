@@ -1,11 +1,14 @@
 """Training on several devices with TensorFlow's own engine, tf.distribute: the --distribute setting.
 
-auto: MultiWorkerMirroredStrategy when $TF_CONFIG names a cluster of two or more tasks (one
-process per machine, each started with the same command), else MirroredStrategy over every
-visible GPU when there are two or more (CUDA_VISIBLE_DEVICES picks them), else the single device
-as before (tf.distribute's default strategy, which changes nothing). Over several machines the
-chief (task "chief", else worker 0) writes the run directory; every other worker trains into a
-temporary directory, removed when it exits, and resumes from the chief's checkpoints.
+auto: MultiWorkerMirroredStrategy when $TF_CONFIG (or a Slurm job step of several tasks,
+`slurm_cluster`) names a cluster of two or more tasks (one process per machine, each started with
+the same command), else MirroredStrategy over every visible GPU when there are two or more and
+mirroring pays (`pays_to_mirror`: each GPU's share of a step's forward passes is at least
+MIRROR_MIN_GMACS; the small default models stay on one GPU), else the single device (tf.distribute's
+default strategy, which changes nothing). Over several machines the chief (task "chief", else
+worker 0) writes the run directory; every other worker trains into a temporary directory, removed
+when it exits, and resumes from the chief's checkpoints; the workers talk over NCCL between GPUs,
+agree on one precision, and give up on a dead peer after --peer-timeout.
 `mirrored` mirrors over the GPUs, or on a machine without any over the CPU's logical devices:
 `--cpu-devices N` splits the CPU into N of them before TensorFlow starts, so that the
 multi-device path can be tried, and tested, anywhere.
@@ -14,8 +17,9 @@ Under a strategy the recipe stays the one of a single device: --batch-size is th
 each of the N replicas takes its share of it (`shares`: as even as can be, so that any batch runs
 on any number of devices; 100 on 8 GPUs is 4 x 13 + 4 x 12), the replicas' gradients are summed
 (so each replica's loss is its share of the global mean, `models.global_mean`, weighted by its share
-of the images), batch norm takes the whole batch's
-statistics (`models.GlobalBatchNormalization`), each replica draws its own noise, and under fp16 an
+of the images), batch norm takes the whole batch's statistics in one all-reduce per layer
+(`models.GlobalBatchNormalization`), each device updates its own copy of the average of G
+(`models.AveragedGenerator.update`), each replica draws its own noise, and under fp16 an
 overflow on any replica skips the step on all (`models.ReplicaSafeLossScaleOptimizer`).
 """
 
@@ -245,6 +249,8 @@ def create(settings):
         devices = [device.name for device in (logical_gpus or tf.config.list_logical_devices("CPU"))]
         strategy = tf.distribute.MirroredStrategy(
             devices, cross_device_ops=None if logical_gpus else tf.distribute.ReductionToOneDevice())
+    if settings.distribute == "multi-worker":
+        agree_on_precision(strategy, settings.precision)
     if strategy.num_replicas_in_sync != settings.replicas:
         raise UsageError(f"argument --distribute: {settings.distribute} made {strategy.num_replicas_in_sync} "
                          f"replicas where {settings.replicas} were expected (every machine of a cluster must have "
@@ -301,6 +307,24 @@ def device_memory():
         return min(int(line.strip()) for line in listed.splitlines() if line.strip()) * 2**20
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
+
+
+def agree_on_precision(strategy, precision):
+    """Refuse, on every worker at once, a cluster whose workers resolved different precisions (mixed GPU
+    generations under --precision auto, say): their optimizers and loss scales would not match."""
+    kinds = ("fp32", "bf16", "fp16")
+
+    @tf.function
+    def vote():
+        return strategy.run(lambda: tf.one_hot(kinds.index(precision), len(kinds)))
+
+    votes = strategy.reduce("SUM", vote(), axis=None)
+    counts = {kind: int(count) for kind, count in zip(kinds, votes.numpy()) if count}
+    if len(counts) > 1:
+        raise UsageError(f"argument --precision: the cluster's workers resolved different precisions ("
+                         + ", ".join(f"{kind} on {count} replica{'s' if count > 1 else ''}"
+                                     for kind, count in counts.items())
+                         + "); pass the same --precision to every worker")
 
 
 def wait_for_peers(minutes):

@@ -24,12 +24,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
 CLASSES = 10
 FAIR_SHARE = 0.5  # A class is covered when it gets at least half of its uniform share of samples.
 FLOOR_SAMPLES = 10_000  # Training images scored against the test set for the real-data floor.
 # Bump when the classifier's recipe changes, so old caches are not reused.
-RECIPE = "mnist-cnn-v1: 32-32-pool-64-64-pool-128, adam 1e-3, batch 128, 4 epochs, seed 0"
+RECIPE = ("mnist-cnn-v2: 32-32-pool-64-64-pool-128, adam 1e-3, batch 128, 4 epochs, seed 0; op determinism on, "
+          "TF32 off, XLA off")
 FIGURES = ("fid", "inception_score", "classes_covered", "label_kl", "confidence")
 
 
@@ -90,19 +92,54 @@ def _shape_of(images):
 
 
 def train_classifier(train_images, train_labels, test_images, test_labels, epochs=4, seed=0):
-    """Train the classifier deterministically (fixed seed, fixed order); return (model, test accuracy)."""
-    keras.utils.set_random_seed(seed)
-    shape = _shape_of(train_images)
-    model = build_classifier(shape, int(max(train_labels.max(), test_labels.max())) + 1)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    order = np.random.default_rng(seed)
-    x, y = _scaled(train_images, shape), train_labels.astype(np.int32)
-    for epoch in range(epochs):
-        permutation = order.permutation(len(x))
-        model.fit(x[permutation], y[permutation], batch_size=128, epochs=1, shuffle=False, verbose=0)
-    _, accuracy = model.evaluate(_scaled(test_images, shape), test_labels.astype(np.int32), batch_size=1000, verbose=0)
+    """Train the classifier the same way on every machine of a kind (fixed seed and order, op determinism on,
+    TF32 off, XLA off: RECIPE), scaling each batch as it is read, so that a large set is held once, in
+    uint8; return (model, test accuracy). The process's determinism and TF32 are restored after."""
+    determinism, tf32 = tf_config.is_op_determinism_enabled(), tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_op_determinism()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        keras.utils.set_random_seed(seed)
+        shape = _shape_of(train_images)
+        check_images(train_images, shape), check_images(test_images, shape)
+        model = build_classifier(shape, int(max(train_labels.max(), test_labels.max())) + 1)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        order = np.random.default_rng(seed)
+        for epoch in range(epochs):
+            model.fit(ScaledBatches(train_images, train_labels, shape, order.permutation(len(train_images)), 128),
+                      epochs=1, shuffle=False, verbose=0)
+        _, accuracy = model.evaluate(ScaledBatches(test_images, test_labels, shape, np.arange(len(test_images)), 1000),
+                                     verbose=0)
+    finally:
+        if not determinism:
+            tf_config.disable_op_determinism()
+        tf.config.experimental.enable_tensor_float_32_execution(tf32)
     return model, float(accuracy)
+
+
+def how_trained():
+    """What the cache entry records of how its classifier was trained: the recipe, TensorFlow and the device."""
+    gpus = tf.config.get_visible_devices("GPU")
+    device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "CPU"
+    return {"recipe": RECIPE, "tensorflow": tf.__version__, "device": device, "op_determinism": True,
+            "tf32": False, "xla": False}
+
+
+class ScaledBatches(keras.utils.PyDataset):
+    """Batches of (images scaled to [0, 1] float32, int32 labels) in the given `order`, scaled as each is read."""
+
+    def __init__(self, images, labels, shape, order, batch_size):
+        super().__init__()
+        self.images, self.labels, self.shape, self.order, self.batch_size = images, labels, shape, order, batch_size
+
+    def __len__(self):
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = self.images[rows]
+        return batch.reshape((len(rows),) + self.shape).astype(np.float32) / 255.0, self.labels[rows].astype(np.int32)
 
 
 class Evaluator:
@@ -188,7 +225,7 @@ class Evaluator:
                     np.savez(handle, mean=evaluator.reference_mean, cov=evaluator.reference_cov)
                 temporary["floor.json"].write_text(json.dumps(
                     {"floor": evaluator.floor, "test_accuracy": accuracy, "recipe": RECIPE,
-                     "floor_samples": FLOOR_SAMPLES}, indent=1) + "\n")
+                     "floor_samples": FLOOR_SAMPLES, "trained": how_trained()}, indent=1) + "\n")
                 for name in ("classifier.keras", "reference.npz", "floor.json"):  # floor.json last: it marks done.
                     os.replace(temporary[name], files[name])
             finally:

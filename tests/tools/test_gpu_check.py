@@ -33,7 +33,19 @@ def test_a_check_past_its_timeout_is_marked_and_fails_the_run(tmp_path):
     result = gpu_check(tmp_path, "devices", GPU_CHECK_TIMEOUT_SCALE="0.001")  # 60 s -> 1 s: TensorFlow loads slower.
     assert result.returncode == 1
     assert "[devices] timed out (1 s)" in result.stdout
+    assert "[devices] timed out after 1 s: on a cold machine the first use of each kernel is compiled from PTX" \
+        in result.stdout  # The reason, and what to do.
     assert any(line.startswith("devices") and "timed out (1 s)" in line for line in result.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_mirroring_slower_than_wanted_fails_the_check(tmp_path, mnist_dir):
+    """Three logical CPU devices against one, held to a scaling no machine reaches: the check fails, saying why."""
+    result = gpu_check(tmp_path, "mirrored_pays", MNIST_DIR=str(mnist_dir), GPU_CHECK_MIN_SCALING="100")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "[mirrored_pays] failed (exit 1)" in result.stdout
+    log = (tmp_path / "logs" / "mirrored_pays.log").read_text()
+    assert "against one device" in log and "mirroring is slower than it should be" in log
 
 
 def test_without_a_gpu_the_gpu_mode_stops_at_once_installing_nothing(tmp_path):

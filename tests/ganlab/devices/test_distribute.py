@@ -8,11 +8,16 @@ import socket
 import subprocess
 import sys
 import time
+import types
+import unittest.mock
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 import gan_mnist
 from conftest import REPO, as_from_a_terminal, run_script
+from ganlab import models
 from ganlab.devices import distribute
 
 MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
@@ -197,12 +202,16 @@ def test_two_workers_train_one_run_written_once_by_the_chief(tmp_path, mnist_dir
 def test_a_killed_worker_and_its_chief_resume_together(tmp_path, mnist_dir):
     run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
     temporary.mkdir()
-    workers = start_workers(run_dir, mnist_dir, temporary, "--epochs", "3", "--checkpoint-minutes", "0")
-    deadline = time.monotonic() + 180
+    workers = start_workers(run_dir, mnist_dir, temporary, "--epochs", "3", "--checkpoint-minutes", "0",
+                            "--peer-timeout", "1")
+    deadline = time.monotonic() + 600
     while not list((run_dir / "checkpoints").glob("ckpt-*.index")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    workers[1].kill()  # SIGKILL: the chief is left waiting for it in the next collective,
-    finish(workers, timeout=20)  # and is killed after 20 s, as a cluster's launcher would.
+    workers[1].kill()  # SIGKILL: the chief's next collective fails (the health check, or --peer-timeout's bound),
+    (status, out, err), _ = finish(workers, timeout=600)  # and it stops by itself, in one line.
+    assert status == 1 and err.count("\n") == 1, err[-3000:]
+    assert "a worker of the cluster stopped answering" in err
+    assert f"start each with: python gan_mnist.py --out {run_dir} --resume" in err
     assert list((run_dir / "checkpoints").glob("ckpt-*.index"))
     assert list(temporary.glob("tf2-gan-worker-1-*"))  # What the kill left.
     results = finish(start_workers(run_dir, mnist_dir, temporary, "--resume"))
@@ -269,3 +278,137 @@ def test_a_worker_waiting_for_its_peers_stops_on_a_signal(tmp_path, mnist_dir, s
     assert worker.returncode == 128 + signum and err.count("\n") <= 2, err  # A newline after ^C, then one line.
     assert ("interrupted" if signum == signal.SIGINT else "SIGTERM: stopped; nothing half-written was left") in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# When mirroring pays, and what a mirrored step asks of the other devices
+# ------------------------------------------------------------------------------------------------
+
+
+def test_auto_mirrors_only_when_each_gpus_share_of_a_step_is_large(monkeypatch, capsys):
+    import dcgan_mnist
+    from conftest import parse
+
+    def work(*flags):
+        config = parse(dcgan_mnist, *flags)
+        return dcgan_mnist.multiply_adds(config) * config.batch_size
+
+    for count, flags, chosen in ((8, [], "off"), (2, [], "off"), (8, ["--arch", "64"], "mirrored"),
+                                 (1, ["--arch", "64"], "off")):
+        monkeypatch.setattr(distribute, "gpus", lambda count=count: [f"GPU:{i}" for i in range(count)])
+        capsys.readouterr()
+        assert distribute.choose("auto", work(*flags)) == chosen
+        said = capsys.readouterr().out
+        if count == 1:
+            assert said == ""
+        elif chosen == "off":  # The default DCGAN: 64 x 0.17 G multiply-adds a step, on 8 GPUs 1.4 G each.
+            assert f"--distribute auto: one GPU of {count}" in said and f"(all {count}: --distribute mirrored)" in said
+        else:  # --arch 64: 100 x 2.0 G, 25 G each on 8.
+            assert "--distribute auto: mirrored over the 8 GPUs, each with 25 G" in said and "--distribute off" in said
+    assert distribute.choose("mirrored", 0) == "mirrored" and distribute.choose("off", 10**15) == "off"
+
+
+def test_a_batch_norm_layer_all_reduces_once_in_the_forward_pass():
+    calls = []
+
+    class Context:
+        num_replicas_in_sync = 2
+
+        def all_reduce(self, op, value):
+            calls.append(value.shape)
+            return value * 2  # Two replicas holding the same values.
+
+    layer = models.GlobalBatchNormalization()
+    inputs = tf.random.normal((6, 3, 3, 4))
+    layer.build(inputs.shape)
+    alone = layer._moments(inputs, None)  # One replica: tf.nn.moments, no all-reduce.
+    with unittest.mock.patch.object(tf.distribute, "get_replica_context", lambda: Context()):
+        mean, variance = layer._moments(inputs, None)
+    assert calls == [(3, 4)]  # The sums of x and x^2 and the count, per channel, in one collective.
+    np.testing.assert_allclose(mean, alone[0], atol=1e-6)
+    np.testing.assert_allclose(variance, alone[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_mirrored_step_keeps_within_its_budget_of_collectives():
+    """The default DCGAN on 2 logical devices: 47 cross-replica calls a step before (42 all-reduces, 3 per
+    batch-norm forward, and the average of G's merge_call); the budget now is 24."""
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "collectives.py"), "dcgan_mnist.py", "--batch-size",
+                             "8"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2 and report["per_step"] <= 24, report
+
+
+@pytest.mark.slow
+def test_srun_of_two_tasks_trains_one_run_from_slurms_environment(tmp_path, mnist_dir):
+    """Two local tasks under stand-in SLURM_* variables, without TF_CONFIG: TensorFlow's SlurmClusterResolver
+    expands the node list and places each task; this machine has no NVIDIA GPU, so none is asked for."""
+    port = free_ports(1)[0]
+    while not all(_port_free(port + offset) for offset in range(2)):
+        port = free_ports(1)[0]
+    tasks = []
+    for rank in range(2):
+        env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+        env.update(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID=str(rank), SLURM_STEP_NODELIST="localhost",
+                   SLURM_STEP_TASKS_PER_NODE="2", GAN_MNIST_SLURM_PORT=str(port), CUDA_VISIBLE_DEVICES="-1",
+                   TMPDIR=str(tmp_path))
+        tasks.append(subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--limit", "640", "--batch-size",
+                                       "64", "--eval-every", "0", "--epochs", "1", "--data-dir", str(mnist_dir),
+                                       "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=REPO, preexec_fn=as_from_a_terminal))
+    results = finish(tasks, timeout=900)
+    for rank, (status, out, err) in enumerate(results):
+        assert status == 0, err[-3000:]
+        assert (f"Slurm: task {rank} of 2 is worker {rank} of localhost:{port}, localhost:{port + 1}, no GPUs"
+                in out), out
+    assert "MultiWorkerMirroredStrategy, worker 0 (chief), 2 replicas of batch 32" in results[0][1]
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["iterations"]["d_loss"]) == 10
+
+
+@pytest.mark.slow
+def test_workers_that_resolved_different_precisions_are_refused_together(tmp_path, mnist_dir):
+    ports = free_ports(2)
+    workers = []
+    for index, precision in enumerate(("fp32", "bf16")):
+        config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(config), CUDA_VISIBLE_DEVICES="-1", TMPDIR=str(tmp_path))
+        workers.append(subprocess.Popen([sys.executable, str(REPO / "gan_mnist.py"), "--limit", "640", "--eval-every",
+                                         "0", "--precision", precision, "--data-dir", str(mnist_dir), "--out",
+                                         str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env, cwd=REPO, preexec_fn=as_from_a_terminal))
+    for status, out, err in finish(workers, timeout=900):
+        assert status == 2 and err.count("\n") == 1, err[-3000:]
+        assert ("argument --precision: the cluster's workers resolved different precisions (fp32 on 1 replica, "
+                "bf16 on 1 replica); pass the same --precision to every worker") in err
+    assert not list((tmp_path / "run").glob("epoch_*.png"))
+
+
+def _port_free(port):
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_a_cluster_of_gpus_talks_over_nccl_with_a_collective_timeout(monkeypatch):
+    """By construction: what MultiWorkerMirroredStrategy is asked for on a stand-in GPU worker."""
+    asked = {}
+
+    class Strategy:
+        num_replicas_in_sync = 4
+
+        def __init__(self, communication_options):
+            asked["options"] = communication_options
+
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", Strategy)
+    monkeypatch.setattr(distribute, "gpus", lambda: ["GPU:0", "GPU:1"])
+    monkeypatch.setattr(distribute, "wait_for_peers", lambda minutes: None)
+    monkeypatch.setattr(distribute, "agree_on_precision", lambda strategy, precision: None)
+    settings = types.SimpleNamespace(distribute="multi-worker", peer_timeout=2.5, replicas=4, precision="bf16")
+    distribute.create(settings)
+    options = asked["options"]
+    assert options.implementation == tf.distribute.experimental.CommunicationImplementation.NCCL
+    assert options.timeout_seconds == 150

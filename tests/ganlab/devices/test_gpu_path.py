@@ -16,6 +16,7 @@ import gan_mnist
 from conftest import REPO, parsed, run_script
 from ganlab import bench, configurator, errors, models
 from ganlab.devices import distribute, speed
+from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -64,28 +65,39 @@ echo "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-66666666-2222-3333-4444-5555555555
 """
 
 
-def run_with_nvidia_smi(tmp_path, mnist_dir, **env):
+def run_with_nvidia_smi(tmp_path, mnist_dir, flags=(), only=False, **env):
+    """gan_mnist.py on a stand-in box of two H100s (a fake nvidia-smi); `only`: `flags` alone, else after a
+    short run's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (bin_dir / "nvidia-smi").chmod(0o755)
     environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
-    return subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--epochs", "1", "--limit", "64",
-                           "--batch-size", "32", "--eval-every", "0", "--data-dir", str(mnist_dir), "--out",
-                           str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=environment, timeout=300, cwd=REPO)
+    short = [] if only else ["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0",
+                             "--data-dir", str(mnist_dir)]
+    return subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), *short, *flags, "--out", str(tmp_path / "run")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, timeout=900,
+                          cwd=REPO)
 
 
 @pytest.mark.slow
-def test_gpus_that_tensorflow_cannot_use_are_the_first_line_then_the_devices(tmp_path, mnist_dir):
+def test_gpus_that_tensorflow_cannot_use_stop_training_in_one_line_unless_the_cpu_is_asked_for(tmp_path, mnist_dir):
     result = run_with_nvidia_smi(tmp_path, mnist_dir)
-    assert result.returncode == 0, result.stdout[-3000:]
-    first, second = result.stdout.splitlines()[:2]
-    assert first.startswith("gan_mnist.py: warning: this machine has 2 NVIDIA GPUs (GPU 0: NVIDIA H100 80GB HBM3, ...) "
-                            "but TensorFlow")
-    # TensorFlow's own reason (here: no CUDA driver on this machine), and the fix in requirements.txt's range.
-    assert "cuda" in first.lower() and first.endswith('Fix: pip install "tensorflow[and-cuda]>=2.16,<3"')
-    assert second.startswith("TensorFlow ") and "on the CPU (no GPU found)" in second  # Before any data is read.
+    assert result.returncode == 2 and result.stdout.count("\n") == 1, result.stdout[-3000:]
+    line = result.stdout.strip()
+    assert line.startswith("gan_mnist.py: error: this machine has 2 NVIDIA GPUs (GPU 0: NVIDIA H100 80GB HBM3, ...) "
+                           "but TensorFlow")
+    # TensorFlow's own reason (here: no CUDA driver on this machine), the fix in requirements.txt's range, the way on.
+    assert "cuda" in line.lower() and 'Fix: pip install "tensorflow[and-cuda]>=2.16,<3"; or train on the CPU ' \
+                                      "anyway with --cpu" in line
+    assert not (tmp_path / "run").exists()
+    on_cpu = run_with_nvidia_smi(tmp_path, mnist_dir, flags=["--cpu"])
+    assert on_cpu.returncode == 0, on_cpu.stdout[-3000:]
+    assert on_cpu.stdout.startswith("TensorFlow ") and "on the CPU (no GPU found)" in on_cpu.stdout.splitlines()[0]
+    sampled = run_with_nvidia_smi(tmp_path, mnist_dir, flags=["--generate", "4"], only=True)
+    assert sampled.returncode == 0, sampled.stdout[-3000:]
+    assert sampled.stdout.startswith("gan_mnist.py: warning: this machine has 2 NVIDIA GPUs")
+    assert "it samples on the CPU" in sampled.stdout.splitlines()[0]
 
 
 @pytest.mark.slow
@@ -109,6 +121,23 @@ def fake_gpus(monkeypatch, count):
     monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
                         lambda device, on: asked["growth"].append((device.name, on)))
     return devices, asked
+
+
+def test_sampling_takes_one_gpu_with_its_memory_growing(monkeypatch, tmp_path):
+    devices, asked = fake_gpus(monkeypatch, 8)
+    with pytest.raises(ValueError):  # No trained run there: what matters is what was taken before.
+        gan_mnist.main(["--generate", "4", "--out", str(tmp_path / "none")])
+    assert asked["visible"] == devices[:1] and asked["growth"] == [("/physical_device:GPU:0", True)]
+
+
+def test_the_remapper_is_switched_off_on_the_cpu_only(monkeypatch, float32_policy_afterwards):
+    config = configurator.freeze(configurator.with_devices(parsed(gan_mnist, "--no-xla")))
+    loop.make_state(config, gan_mnist.build_training)
+    assert tf.config.optimizer.get_experimental_options().get("remapping") is False  # The CPU's workaround.
+    tf.config.optimizer.set_experimental_options({"remapping": True})
+    fake_gpus(monkeypatch, 1)
+    loop.make_state(config, gan_mnist.build_training)
+    assert tf.config.optimizer.get_experimental_options().get("remapping") is not False  # Kept for GPUs' fusions.
 
 
 def test_one_device_takes_one_gpu_and_every_gpu_used_grows_its_memory(monkeypatch):

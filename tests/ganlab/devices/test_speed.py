@@ -78,7 +78,50 @@ def test_auto_settings_follow_the_device(monkeypatch):
         monkeypatch.setattr(tf.config.experimental, "get_device_details",
                             lambda device, c=capability: {"compute_capability": c})
         config = config_for(dcgan_mnist)
-        assert (config.precision, config.xla, config.steps_per_call) == (precision, True, 10)
+        assert (config.precision, config.xla, config.steps_per_call) == (precision, True, 20)
+    # Steps per call on GPUs: a call of about 2 T multiply-adds of training, from 10 to 100.
+    assert [config_for(module, *flags).steps_per_call for module, flags in (
+        (gan_mnist, []), (dcgan_mnist, []), (dcgan_mnist, ["--arch", "64"]))] == [100, 20, 10]
+
+
+@pytest.mark.parametrize("first, then, said", [
+    ("fp16", "fp32", "The run trained in fp16 and goes on in fp32 (--precision fp32): its optimizers drop their "
+                     "loss scale"),
+    ("fp32", "fp16", "The run trained in fp32 and goes on in fp16 (--precision fp16): its optimizers gain a fresh "
+                     "loss scale"),
+])
+def test_a_checkpoint_moves_between_fp16_and_another_precision(tmp_path, mnist_dir, capsys, first, then, said):
+    run_dir = tmp_path / "run"
+    flags = TINY + ["--steps-per-call", "2", "--data-dir", str(mnist_dir), "--out", str(run_dir)]
+    gan_mnist.main(flags + ["--precision", first])
+    capsys.readouterr()
+    trained = {}
+
+    class Inspect(loop.Hooks):
+        def calls(self, train_steps):  # After the restore: the optimizers' own state, read back.
+            def first_call(indices):
+                if not trained:
+                    for name in ("g_optimizer", "d_optimizer"):
+                        optimizer = getattr(state, name)
+                        inner = getattr(optimizer, "inner_optimizer", optimizer)
+                        trained[name] = int(inner.iterations.numpy())
+                return train_steps(indices)
+
+            return first_call
+
+        def step(self, train_step, state_now):
+            nonlocal state
+            state = state_now
+            return train_step
+
+    state = None
+    gan_mnist.main(flags[:-2] + ["--epochs", "2", "--resume", "--precision", then, "--out", str(run_dir)],
+                   hooks=Inspect())
+    assert said in capsys.readouterr().out
+    assert trained == {"g_optimizer": 4, "d_optimizer": 4}  # Adam's 4 steps of epoch 1 restored, around the scale.
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["iterations"]["d_loss"]) == 8 and np.isfinite(history["iterations"]["d_loss"]).all()
+    assert json.loads((run_dir / "config.json").read_text())["precision"] == then
 
 
 def test_flops_are_counted_from_the_layers():

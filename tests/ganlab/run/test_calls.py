@@ -89,7 +89,7 @@ def test_any_other_failure_of_the_first_call_is_one_line(tmp_path, mnist_dir, ca
         def step(self, train_step, state):
             def broken(images, labels):
                 values = train_step(images, labels)
-                tf.debugging.assert_less(values["d_loss"], -1.0, message="a stand-in failure of the user's data")
+                tf.debugging.assert_less(values["d_loss"], -1.0, message="a stand-in failure of the data")
                 return values
 
             return broken
@@ -97,7 +97,7 @@ def test_any_other_failure_of_the_first_call_is_one_line(tmp_path, mnist_dir, ca
     status, err = fails(SimpleNamespace(main=lambda argv: gan_mnist.main(argv, hooks=Broken())),
                         TINY + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")], capsys)
     assert status == 1 and err.count("\n") == 1, err
-    assert "error: the first training call failed: assertion failed: [a stand-in failure of the user's data]" in err
+    assert "error: the first training call failed: assertion failed: [a stand-in failure of the data]" in err
 
 
 def test_running_out_of_memory_placing_the_data_is_one_line_naming_the_sizes(tmp_path, mnist_dir, capsys):

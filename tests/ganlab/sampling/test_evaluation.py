@@ -2,9 +2,12 @@
 
 import json
 import re
+import unittest.mock
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import gan_mnist
 from conftest import parse
@@ -156,3 +159,30 @@ def test_a_damaged_classifier_cache_is_rebuilt_saying_so(tmp_path, test_set, dam
     messages.clear()
     load()
     assert messages == []
+
+
+def test_the_classifier_trains_the_same_way_anywhere_and_its_cache_says_how(tmp_path, test_set):
+    """Op determinism on, TF32 off, XLA off while it trains (then as they were); the cache entry records it; the
+    batches are scaled one at a time, from the uint8 set."""
+    from tensorflow.python.framework import config as tf_config
+
+    images, labels = test_set[0][:600], test_set[1][:600]
+    seen = []
+    fit = keras.Model.fit
+
+    def watched_fit(model, data, **kwargs):
+        seen.append((tf_config.is_op_determinism_enabled(), tf.config.experimental.tensor_float_32_execution_enabled(),
+                     model.jit_compile, type(data).__name__, data[0][0].shape, data[0][0].dtype))
+        return fit(model, data, **kwargs)
+
+    tf32_before = tf.config.experimental.tensor_float_32_execution_enabled()
+    determinism_before = tf_config.is_op_determinism_enabled()
+    with unittest.mock.patch.object(keras.Model, "fit", watched_fit):
+        evaluation.Evaluator.load_or_train(tmp_path, images, labels, images[:200], labels[:200], log=lambda m: None,
+                                           epochs=1)
+    assert seen == [(True, False, False, "ScaledBatches", (128, 28, 28, 1), np.float32)]
+    assert tf_config.is_op_determinism_enabled() == determinism_before
+    assert tf.config.experimental.tensor_float_32_execution_enabled() == tf32_before
+    trained = json.loads(next(tmp_path.glob("classifier-*/floor.json")).read_text())["trained"]
+    assert trained["op_determinism"] is True and trained["tf32"] is False and trained["xla"] is False
+    assert trained["device"] == "CPU" and trained["recipe"] == evaluation.RECIPE
