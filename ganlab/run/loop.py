@@ -134,7 +134,8 @@ def train(config, run, data, build_training, transform="none", hooks=None, strat
     hooks = hooks or Hooks()
     with run.create(config.overwrite or config.restart):  # One training process at a time.
         images, labels = data
-        evaluator = sample.load_evaluator(config) if config.eval_every else None
+        if config.eval_every:
+            sample.check_cache_dir()  # Now; the evaluator itself is loaded at the first evaluation (outputs.py).
         sizes = model_sizes(config)  # Named if memory runs out.
         with out_of_memory("building the models", sizes):
             state = make_state(config, build_training, strategy)
@@ -147,7 +148,7 @@ def train(config, run, data, build_training, transform="none", hooks=None, strat
         try:
             write_run_start(config, run, images, transform, state.history)
             with out_of_memory("training", sizes):
-                outputs = EpochOutputs(config, run, state, evaluator, transform, hooks)
+                outputs = EpochOutputs(config, run, state, transform, hooks)
                 train_epochs(config, run, state, train_steps, outputs, len(images))
         except (OSError, tf.errors.OpError) as error:
             if config.distribute == "multi-worker" and isinstance(error, PEER_LOST):
@@ -190,24 +191,27 @@ def train_epochs(config, run, state, train_steps, outputs, image_count):
           f"{image_count} images), {where}; outputs in {run.path}")
     state.started = time.perf_counter() - state.history["total_seconds"]
     trained = state.epochs_done >= config.epochs  # Stopped in its closing outputs: only those remain.
-    if state.epochs_done and not state.skip and (trained or outputs_behind(run, state.epochs_done)):
-        outputs.write_epoch(state.epochs_done, gif=trained)
+    epoch = state.epochs_done
     try:
         with StopRequests() as requests:
-            for epoch in range(state.epochs_done + 1, config.epochs + 1):
-                first_step = state.skip if epoch == state.epochs_done + 1 else 0
-                batches = epoch_batches(config.seed, epoch, image_count, state.steps, config.batch_size)
-                try:
+            try:
+                if epoch and not state.skip and (trained or outputs_behind(run, epoch)):
+                    with requests.at_once(epoch_saved=True):
+                        outputs.write_epoch(epoch, gif=trained)
+                for epoch in range(state.epochs_done + 1, config.epochs + 1):
+                    first_step = state.skip if epoch == state.epochs_done + 1 else 0
+                    batches = epoch_batches(config.seed, epoch, image_count, state.steps, config.batch_size)
                     means, seconds = run_epoch(config, state, outputs, train_steps, epoch, batches, first_step,
                                                requests)
                     outputs.end_epoch(epoch, means, seconds, requests)  # A signal in its evaluation: StopNow.
                     state.checkpoint.save(state.history, epoch, 0)  # Then the next epoch, its outputs beside it.
                     outputs.write_epoch(epoch, gif=requests.signal is not None or epoch == config.epochs)
-                    if requests.signal and epoch < config.epochs:
+                    if requests.signal:
                         raise StopNow(epoch_saved=True)
-                except StopNow as stopped:
-                    raise stop(config, run, state, outputs, requests.signal, epoch, stopped) from None
-        outputs.finish()
+                with requests.at_once(epoch_saved=True):  # The closing outputs: a resume writes them.
+                    outputs.finish()
+            except StopNow as stopped:
+                raise stop(config, run, state, outputs, requests.signal, epoch, stopped) from None
     except BaseException:  # Whatever stops the run, the files being written are finished first.
         with contextlib.suppress(Exception):
             outputs.files.wait()
@@ -373,13 +377,14 @@ def compile_steps(state, images, labels, config, strategy=None):
             index += 1
         return values.stack()
 
-    return CompiledCalls(train_steps, signature, config.xla, calls, (images, labels) if on_host else None)
+    return CompiledCalls(train_steps, signature, config.xla, calls,
+                         (np.asarray(images), np.asarray(labels)) if on_host else None)
 
 
 def fits_on_device(images):
-    """Whether the uint8 training set (with its int64 labels) fits on each device: at most DEVICE_SHARE of its
+    """Whether the uint8 training set `images` (with int64 labels) fits on each device: at most DEVICE_SHARE of its
     memory (`distribute.device_memory`; the CPU's is the host's). If not, says so in one line."""
-    memory, size = distribute.device_memory(), images.nbytes + 8 * len(images)
+    memory, size = distribute.device_memory(), int(np.prod(images.shape)) + 8 * len(images)  # uint8, int64
     if memory is None or size <= distribute.DEVICE_SHARE * memory:
         return True
     print(f"The training set ({utils.size_text(size)}) is over {distribute.DEVICE_SHARE:.0%} of a GPU's memory "

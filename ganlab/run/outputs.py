@@ -110,8 +110,10 @@ class EpochOutputs:
     trained generator, the history and plots. At the end: random_samples.png and metrics.json.
     """
 
-    def __init__(self, config, run, state, evaluator, transform, hooks):
-        self.config, self.run, self.state, self.evaluator = config, run, state, evaluator
+    def __init__(self, config, run, state, transform, hooks):
+        self.config, self.run, self.state = config, run, state
+        self.scores = bool(config.eval_every)  # Evaluated: by `evaluator`, loaded at the first evaluation.
+        self._evaluator = None
         self.transform, self.hooks = transform, hooks
         self.history = state.history
         self.writer = tf.summary.create_file_writer(str(run.tensorboard))
@@ -131,6 +133,14 @@ class EpochOutputs:
             for key, value in zip(METRICS, call_values.mean(axis=0).tolist()):
                 tf.summary.scalar(f"iteration/{key}", value)
 
+    @property
+    def evaluator(self):
+        """The sample-quality evaluator, loaded (or, for a folder, its classifier trained) when first needed:
+        at the first evaluation, so that the first picture and step come without waiting for it."""
+        if self._evaluator is None and self.scores:
+            self._evaluator = sample.load_evaluator(self.config)
+        return self._evaluator
+
     def end_epoch(self, epoch, means, seconds, stop):
         """The epoch's summary line, the average's refresh and, when due, the evaluation; then the epoch
         joins the history. Writes no file: the checkpoint comes first (see `write_epoch`)."""
@@ -140,7 +150,7 @@ class EpochOutputs:
                                 f"{images_per_second:.0f} img/s | {self.run.epoch_grid(epoch).name}")
         if self.state.averaged:
             self.state.averaged.refresh()
-        if self.evaluator and (epoch % config.eval_every == 0 or epoch == config.epochs):
+        if self.scores and (epoch % config.eval_every == 0 or epoch == config.epochs):
             with stop.at_once(steps, seconds):  # It takes seconds: a signal interrupts it.
                 self.evaluate(epoch)
         self.history["epochs"].append({"epoch": epoch, **means, "seconds": round(seconds, 3),
@@ -221,8 +231,9 @@ class EpochOutputs:
         def pictures():
             utils.save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
             utils.plot_history(run.loss_plot, history)
-            if self.evaluator and len(history["evaluations"]) != self.metrics_plotted:
-                utils.plot_metrics(run.metrics_plot, history["evaluations"], self.evaluator.floor)
+            # Once this process has an evaluator (a resumed run's metrics.png stands until its first evaluation).
+            if self._evaluator and len(history["evaluations"]) != self.metrics_plotted:
+                utils.plot_metrics(run.metrics_plot, history["evaluations"], self._evaluator.floor)
                 self.metrics_plotted = len(history["evaluations"])
 
         self.files.submit("pictures", pictures)
@@ -233,7 +244,8 @@ class EpochOutputs:
 
     def finish(self):
         """random_samples.png from fresh noise, metrics.json, and the run's closing lines."""
-        config, run, evaluator = self.config, self.run, self.evaluator
+        config, run = self.config, self.run
+        evaluator = self.evaluator if self.scores and self.history["evaluations"] else None
         random_noise = np.random.default_rng(config.seed + 1).standard_normal((config.sample_grid ** 2,
                                                                                 config.latent_dim))
         random_noise, random_labels, columns = grid_inputs(config, random_noise.astype(np.float32))

@@ -57,9 +57,13 @@ def interrupted(signum, config, run, where):
         f"the GIF so far. Resume with: {resume_command(config, run)}", 128 + signum)
 
 
-class StopNow(Exception):
+class StopNow(BaseException):
     """Training stops for a signal: `step` steps into the epoch after `seconds` of it (all its steps, in its
-    evaluation: `StopRequests.at_once`), or with the epoch saved whole (`epoch_saved`)."""
+    evaluation: `StopRequests.at_once`), or with the epoch saved whole (`epoch_saved`).
+
+    A BaseException, as KeyboardInterrupt: raised by a signal inside a Keras call (the evaluation's
+    classifier), it must pass `except Exception` on the way untouched (Keras re-raises an Exception
+    as a new one of its class, built from its message)."""
 
     def __init__(self, step=None, seconds=0.0, epoch_saved=False):
         super().__init__(step, seconds, epoch_saved)
@@ -90,11 +94,12 @@ class StopRequests:
               f"(Ctrl-C again stops at once, losing the epoch in progress)", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
-    def at_once(self, step, seconds):
-        """A block that a signal interrupts with StopNow(step, seconds) (at once if one is already pending)."""
+    def at_once(self, step=None, seconds=0.0, epoch_saved=False):
+        """A block that a signal interrupts with StopNow(step, seconds, epoch_saved) (at once if one is already
+        pending)."""
         if self.signal is not None:
-            raise StopNow(step, seconds)
-        self._at_once = StopNow(step, seconds)
+            raise StopNow(step, seconds, epoch_saved)
+        self._at_once = StopNow(step, seconds, epoch_saved)
         try:
             yield
         finally:

@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
+from ganlab.errors import DataError
+
 CLASSES = 10
 FAIR_SHARE = 0.5  # A class is covered when it gets at least half of its uniform share of samples.
 FLOOR_SAMPLES = 10_000  # Training images scored against the test set for the real-data floor.
@@ -33,6 +35,11 @@ FLOOR_SAMPLES = 10_000  # Training images scored against the test set for the re
 RECIPE = ("mnist-cnn-v2: 32-32-pool-64-64-pool-128, adam 1e-3, batch 128, 4 epochs, seed 0; op determinism on, "
           "TF32 off, XLA off")
 FIGURES = ("fid", "inception_score", "classes_covered", "label_kl", "confidence")
+# The classifiers that ship with the code (tools/train_classifiers.py trains them by RECIPE): a new user's
+# first run scores its samples at once instead of training one for minutes first.
+SHIPPED = ("mnist", "fashion_mnist", "cifar10")
+SHIPPED_DIR = Path(__file__).resolve().parent / "classifiers"
+SHIPPED_INDEX = SHIPPED_DIR / "classifiers.json"
 
 
 def check_images(images, shape=(28, 28, 1)):
@@ -91,7 +98,7 @@ def _shape_of(images):
     return tuple(images.shape[1:]) if images.ndim == 4 else tuple(images.shape[1:]) + (1,)
 
 
-def train_classifier(train_images, train_labels, test_images, test_labels, epochs=4, seed=0):
+def train_classifier(train_images, train_labels, test_images, test_labels, epochs=4, seed=0, log=None):
     """Train the classifier the same way on every machine of a kind (fixed seed and order, op determinism on,
     TF32 off, XLA off: RECIPE), scaling each batch as it is read, so that a large set is held once, in
     uint8; return (model, test accuracy). The process's determinism and TF32 are restored after."""
@@ -106,9 +113,12 @@ def train_classifier(train_images, train_labels, test_images, test_labels, epoch
         model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         order = np.random.default_rng(seed)
+        start = time.perf_counter()
         for epoch in range(epochs):
             model.fit(ScaledBatches(train_images, train_labels, shape, order.permutation(len(train_images)), 128),
                       epochs=1, shuffle=False, verbose=0)
+            if log:
+                log(f"  classifier epoch {epoch + 1}/{epochs} ({time.perf_counter() - start:.0f} s)")
         _, accuracy = model.evaluate(ScaledBatches(test_images, test_labels, shape, np.arange(len(test_images)), 1000),
                                      verbose=0)
     finally:
@@ -140,6 +150,39 @@ class ScaledBatches(keras.utils.PyDataset):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         batch = self.images[rows]
         return batch.reshape((len(rows),) + self.shape).astype(np.float32) / 255.0, self.labels[rows].astype(np.int32)
+
+
+def sha256(path):
+    """The SHA-256 of a file, in hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shipped_classifier(dataset, shape, verify=True):
+    """The classifier of `dataset` that ships with the code (float32, from its half-precision weights), or None
+    if none ships for it, or for this RECIPE. With `verify`, a file whose SHA-256 is not the one recorded
+    beside the recipe (classifiers.json) raises DataError: it is not the recipe's."""
+    path = SHIPPED_DIR / f"{dataset}.npz"
+    if dataset not in SHIPPED or not path.is_file():
+        return None
+    if verify:
+        entry = json.loads(SHIPPED_INDEX.read_text()).get(dataset, {}) if SHIPPED_INDEX.is_file() else {}
+        if entry.get("recipe") != RECIPE:
+            return None
+        if sha256(path) != entry.get("sha256"):
+            raise DataError(f"{path}: not the classifier that {SHIPPED_INDEX.name} records for {dataset} (its SHA-256 "
+                            f"differs); restore it (git checkout), or retrain it with tools/train_classifiers.py")
+    with np.load(path, allow_pickle=False) as stored:
+        weights = [stored[f"arr_{index}"].astype(np.float32) for index in range(len(stored.files))]
+    model = build_classifier(tuple(shape) if len(shape) == 3 else tuple(shape) + (1,), weights[-1].shape[0])
+    model.set_weights(weights)
+    return model
+
+
+def accuracy(model, images, labels):
+    """The classifier's accuracy on uint8 `images` with `labels`."""
+    shape = _shape_of(images)
+    logits = model.predict(ScaledBatches(images, labels, shape, np.arange(len(images)), 1000), verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
 class Evaluator:
@@ -191,8 +234,9 @@ class Evaluator:
 
     @classmethod
     def load_or_train(cls, cache_dir, train_images, train_labels, test_images, test_labels, classes=None,
-                      log=print, epochs=4):
-        """The evaluator for this data: loaded from `cache_dir/<key>/`, else trained and cached there.
+                      log=print, epochs=4, dataset=None):
+        """The evaluator for this data: loaded from `cache_dir/<key>/`, else made and cached there: from the
+        classifier that ships for `dataset` (`shipped_classifier`), else trained.
 
         Training takes a few minutes on 2 CPU cores and happens once per data and recipe. Files are
         written atomically, so an interrupted training leaves no half cache behind. With `classes`
@@ -210,12 +254,17 @@ class Evaluator:
                 log(f"The cached evaluation classifier in {directory} is damaged ({type(error).__name__}: "
                     f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); training it again")
         if evaluator is None:
-            log(f"Training the evaluation classifier once (cached in {directory}) ...")
             start = time.perf_counter()
-            classifier, accuracy = train_classifier(train_images, train_labels, test_images, test_labels, epochs)
-            evaluator = cls(classifier, None, None, None, accuracy)
+            shipped = shipped_classifier(dataset, train_images.shape[1:]) if dataset else None
+            if shipped is not None:
+                classifier, test_accuracy = shipped, json.loads(SHIPPED_INDEX.read_text())[dataset]["test_accuracy"]
+            else:
+                log(f"Training the evaluation classifier once (cached in {directory}; a few minutes on a CPU) ...")
+                classifier, test_accuracy = train_classifier(train_images, train_labels, test_images, test_labels,
+                                                             epochs, log=log)
+                log(f"Classifier test accuracy {test_accuracy:.4f}, trained in {time.perf_counter() - start:.0f} s")
+            evaluator = cls(classifier, None, None, None, test_accuracy)
             evaluator._set_reference(train_images, test_images)
-            log(f"Classifier test accuracy {accuracy:.4f}, trained in {time.perf_counter() - start:.0f} s")
             directory.mkdir(parents=True, exist_ok=True)
             pid = os.getpid()
             temporary = {name: path.with_name(f".{path.stem}.tmp-{pid}{path.suffix}") for name, path in files.items()}
@@ -224,8 +273,9 @@ class Evaluator:
                 with open(temporary["reference.npz"], "wb") as handle:
                     np.savez(handle, mean=evaluator.reference_mean, cov=evaluator.reference_cov)
                 temporary["floor.json"].write_text(json.dumps(
-                    {"floor": evaluator.floor, "test_accuracy": accuracy, "recipe": RECIPE,
-                     "floor_samples": FLOOR_SAMPLES, "trained": how_trained()}, indent=1) + "\n")
+                    {"floor": evaluator.floor, "test_accuracy": test_accuracy, "recipe": RECIPE,
+                     "floor_samples": FLOOR_SAMPLES,
+                     "trained": "shipped" if shipped is not None else how_trained()}, indent=1) + "\n")
                 for name in ("classifier.keras", "reference.npz", "floor.json"):  # floor.json last: it marks done.
                     os.replace(temporary[name], files[name])
             finally:

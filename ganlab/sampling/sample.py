@@ -187,7 +187,8 @@ def load_evaluator(config):
         test_images, test_labels = utils.load_dataset(whole, "test")
     try:
         return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels,
-                                                  classes=utils.classes_in_play(config))
+                                                  classes=utils.classes_in_play(config),
+                                                  dataset=None if config.dataset == "folder" else config.dataset)
     except OSError as error:
         raise DataError(f"{cache_dir()}: cannot use the classifier cache ({error.strerror or error}); "
                         f"set GAN_MNIST_CACHE to a writable directory") from None
