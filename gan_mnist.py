@@ -27,7 +27,7 @@ import utils
 EPOCHS = 100  # znxlwm's length; a fully-connected GAN needs many epochs to sharpen its digits
 BATCH_SIZE = 100  # znxlwm's batch size: 600 steps per epoch on the 60,000 training images
 LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
-DATASET = "mnist"  # mnist, fashion_mnist, or cifar10 (32x32 colour, flattened to 3,072 values)
+DATASET = "mnist"  # mnist, fashion_mnist, cifar10 (32x32 colour), or folder: your own pictures in --data-dir
 CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
 CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Models

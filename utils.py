@@ -30,6 +30,7 @@ from ganlab.errors import DataError, UsageError
 
 matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def add_flags(parser):
@@ -402,6 +403,11 @@ def image_grid(images, columns=None, padding=2, background=64):
 # ---------------------------------------------------------------------------------------------
 
 
+def counted(count, noun):
+    """`count` and its noun, plural unless one: "1 epoch", "20 epochs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def size_text(count):
     """A byte count for people: 1.2 GB, 34.5 MB or 12 kB."""
     for unit, scale in (("GB", 2**30), ("MB", 2**20)):
@@ -480,17 +486,28 @@ def plot_history(path, history):
     def binned(key):
         return np.asarray(iterations[key][:used], np.float64).reshape(-1, width).mean(axis=1)
 
+    def smoothed(values, span):
+        """An exponential moving average over ~a tenth of an epoch: the trend through the step-to-step
+        flips of the adversarial game (D(x) alternating between two levels, say)."""
+        alpha, level, out = 2.0 / (span + 1.0), values[0], np.empty_like(values)
+        for index, value in enumerate(values):
+            level = alpha * value + (1.0 - alpha) * level
+            out[index] = level
+        return out
+
     x_epoch = [e["epoch"] - 0.5 for e in epochs]  # An epoch's mean belongs to its middle.
     style = "o-" if len(epochs) <= 30 else "-"
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for key, label, colour in (("d_loss", "D loss", "tab:blue"), ("g_loss", "G loss", "tab:orange")):
-        top.plot(x, binned(key), color=colour, alpha=0.25, linewidth=0.6)
+        top.plot(x, binned(key), color=colour, alpha=0.2, linewidth=0.6)
+        top.plot(x, smoothed(binned(key), max(2.0, steps_per_epoch / 10 / width)), color=colour, linewidth=1.0)
         top.plot(x_epoch, [e[key] for e in epochs], style, color=colour, label=f"{label} (epoch mean)")
     top.set_ylabel("loss")
     top.legend()
     top.grid(alpha=0.3)
     for key, label, colour in (("d_real", "D(x)", "tab:green"), ("d_fake", "D(G(z))", "tab:red")):
-        bottom.plot(x, binned(key), color=colour, alpha=0.25, linewidth=0.6)
+        bottom.plot(x, binned(key), color=colour, alpha=0.2, linewidth=0.6)
+        bottom.plot(x, smoothed(binned(key), max(2.0, steps_per_epoch / 10 / width)), color=colour, linewidth=1.0)
         bottom.plot(x_epoch, [e[key] for e in epochs], style, color=colour, label=f"mean {label}")
     bottom.set_ylabel("discriminator output")
     bottom.set_ylim(0, 1)
@@ -527,6 +544,9 @@ def plot_metrics(path, evaluations, floor):
     axes[0, 0].legend()
     for axis in axes[1]:
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # Epochs, not 1.900 to 2.100 around one point.
+    if len(epochs) == 1:
+        axes[1, 0].set_xlim(epochs[0] - 1, epochs[0] + 1)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100, format="png")

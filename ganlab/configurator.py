@@ -219,7 +219,10 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
     checked = freeze(values)  # Checks only check.
     for group in (utils, run_directory, loop, sample, speed, distribute, bench):
         group.check_flags(checked)
-    values["out"] = run_directory.default_out(values["out"], script_name)
+    # --num-samples 0: the MNIST test set's 10,000; a folder's own picture count, up to that.
+    values["num_samples"] = values["num_samples"] or min(10_000, values["data_images"] or 10_000)
+    values["out"] = run_directory.default_out(values["out"], script_name,
+                                              values["data_dir"] if values["dataset"] == "folder" else None)
     values["batch_sizes"] = bench.batch_sizes(values["batch_sizes"])
     return values
 
@@ -251,14 +254,16 @@ def _data(values):
         raise UsageError(f"argument --dataset: {requirement}, got {values['dataset']}")
     if values["dataset"] != "folder":
         height, _, channels = utils.DATASETS[values["dataset"]].shape
-        return dict(data_side=height, data_channels=channels, class_names=tuple(utils.DATASETS[values["dataset"]].classes))
+        return dict(data_side=height, data_channels=channels, class_names=tuple(utils.DATASETS[values["dataset"]].classes),
+                    data_images=0)
     if not values["data_dir"]:
         raise UsageError("argument --data-dir: --dataset folder trains on the pictures in --data-dir; name the folder")
     found = folder.probe(values["data_dir"])
     if values["conditional"] and not found.class_names:
         raise UsageError(f"argument --conditional: {found.root} has no class subfolders, so no labels to condition "
                          f"on; put each class's pictures in a subfolder of its own")
-    return dict(data_side=found.side, data_channels=found.channels, class_names=found.class_names)
+    return dict(data_side=found.side, data_channels=found.channels, class_names=found.class_names,
+                data_images=len(found.files))
 
 
 def _data_shape(values):

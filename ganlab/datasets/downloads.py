@@ -103,10 +103,22 @@ def download_idx(name, directory, split="train"):
     spec = IDX_DATASETS[name]
     directory = Path(directory)
     mirrors = [m for m in os.environ.get(spec.mirror_env, "").split(",") if m] or spec.mirrors
+    created = [parent for parent in (directory, *directory.parents) if not parent.exists()]  # Removed on failure.
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"{directory}: cannot create the download directory ({error.strerror})") from None
+    try:
+        _download_split(spec, directory, split, mirrors)
+    except DataError:
+        for folder in created:  # Innermost first: only what this call made, and only if still empty.
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _download_split(spec, directory, split, mirrors):
+    """The split's files into `directory`, from the first mirror that serves each; DataError if none does."""
     for base in IDX_FILES[split]:
         file_name = f"{base}.gz"
         if (directory / file_name).is_file():
@@ -121,5 +133,8 @@ def download_idx(name, directory, split="train"):
             except (OSError, ValueError) as error:
                 failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
         else:
-            raise DataError(f"{directory / file_name}: download failed ({'; '.join(failures)}); "
-                            f"put the {spec.title} files there or set {spec.env}")
+            names = ", ".join(f"{base}.gz" for split_files in IDX_FILES.values() for base in split_files)
+            keras_copy = (f", or Keras's {spec.keras_npz} in {keras_datasets()}" if spec.keras_npz
+                          else f", or Keras's {spec.keras_dir}/ in {keras_datasets()}")
+            raise DataError(f"{directory / file_name}: download failed ({'; '.join(failures)}); put the {spec.title} "
+                            f"files ({names}) in a directory and set {spec.env} or --data-dir to it{keras_copy}")

@@ -399,7 +399,7 @@ def print_devices(config):
     names = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in gpus()]
     print(f"TensorFlow {tf.__version__} on {', '.join(names) or 'the CPU (no GPU found)'}, "
           f"{describe(config)}; precision {config.precision}, XLA {'on' if config.xla else 'off'}, "
-          f"{config.steps_per_call} steps per call", flush=True)
+          f"{config.steps_per_call} step{'s' if config.steps_per_call != 1 else ''} per call", flush=True)
     for gpu in gpus():
         newer = newer_than_the_wheel(tf.config.experimental.get_device_details(gpu), tf.sysconfig.get_build_info())
         if newer:

@@ -53,9 +53,13 @@ def check_flags(config):
         raise UsageError("argument --out: empty; name a run directory (default: results/<script>)")
 
 
-def default_out(out, script):
-    """--out as a path: results/<script> of this checkout when not given."""
-    return Path(out) if out else REPO_DIR / "results" / script
+def default_out(out, script, data_dir=None):
+    """--out as a path: when not given, results/<script> of this checkout, or for a folder of one's own
+    pictures (`data_dir`) results/<script>-<the folder's name>."""
+    if out:
+        return Path(out)
+    name = Path(data_dir).expanduser().resolve().name if data_dir else ""
+    return REPO_DIR / "results" / (f"{script}-{name}" if name else script)
 
 
 def megabytes(count):

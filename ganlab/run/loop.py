@@ -185,10 +185,14 @@ def train_epochs(config, run, state, train_steps, outputs, image_count):
     epoch the checkpoint does not hold; a resumed run first writes the outputs of the epoch its
     checkpoint ends on, in case the stopped run had not. A signal ends the epoch in `stop`.
     """
-    where = (f"resuming after epoch {state.epochs_done}" + (f", step {state.skip}" if state.skip else "")
-             if config.resume else "from scratch")
-    print(f"Training {config.script} for {config.epochs} epochs of {state.steps} steps (batch {config.batch_size}, "
-          f"{image_count} images), {where}; outputs in {run.path}")
+    # The same place in the same words as the stop that left it ("epoch 2, step 7/31").
+    where = ("from scratch" if not config.resume else f"resuming at epoch {state.epochs_done + 1}, step "
+             f"{state.skip}/{state.steps}" if state.skip else f"resuming after epoch {state.epochs_done}")
+    data = (f" on {image_count} pictures of {len(config.class_names) or 'no'} classes in {config.data_dir}"
+            if config.dataset == "folder" else "")
+    print(f"Training {config.script}{data} for {utils.counted(config.epochs, 'epoch')} of "
+          f"{utils.counted(state.steps, 'step')} (batch {config.batch_size}, {image_count} images), {where}; "
+          f"outputs in {run.path}")
     state.started = time.perf_counter() - state.history["total_seconds"]
     trained = state.epochs_done >= config.epochs  # Stopped in its closing outputs: only those remain.
     epoch = state.epochs_done
@@ -260,7 +264,7 @@ def start_or_restore(config, run, state, steps):
         print(f"Learning rate lowered from {before:g} to {after:g} after epoch {state.epochs_done}, step {state.skip}")
     finished = run.random_samples.is_file() and (run.metrics.is_file() or not state.history["evaluations"])
     if config.resume and state.epochs_done >= config.epochs and finished:  # Else it stopped in its last outputs.
-        raise UsageError(f"argument --epochs: the run in {run.path} has already trained {state.epochs_done} epochs; "
+        raise UsageError(f"argument --epochs: the run in {run.path} has already trained {utils.counted(state.epochs_done, 'epoch')}; "
                          f"pass a larger --epochs to train on")
 
 
@@ -295,7 +299,9 @@ def write_run_start(config, run, images, transform, history):
     utils.save_json(run.config, {"format": run_directory.FORMAT} | resolved_config(config) | {
         "transform": transform, "image_shape": list(images.shape[1:]), "training_images": len(images),
         "tensorflow": tf.__version__, "lr_changes": history.get("lr_changes", [])})
-    utils.save_png(run.real_samples, utils.image_grid(images[:config.sample_grid ** 2], config.sample_grid))
+    # Spread over the whole set, which a folder holds class by class: every class, as the model sees them.
+    shown = np.linspace(0, len(images) - 1, min(config.sample_grid ** 2, len(images))).round().astype(int)
+    utils.save_png(run.real_samples, utils.image_grid(images[shown], config.sample_grid))
 
 
 def resolved_config(config):

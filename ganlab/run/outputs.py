@@ -106,7 +106,7 @@ class EpochOutputs:
     """Everything a user looks at while a run trains, written into its directory (keras-io's GANMonitor).
 
     Per step: the history's iterations; per compiled call, TensorBoard scalars. Per epoch: the fixed-noise grid,
-    TensorBoard, every `--eval-every` epochs an evaluation (the raw G beside the average), the
+    TensorBoard, every `--eval-every` epochs an evaluation (of the generator that samples), the
     trained generator, the history and plots. At the end: random_samples.png and metrics.json.
     """
 
@@ -147,7 +147,7 @@ class EpochOutputs:
         config, steps = self.config, self.state.steps
         images_per_second = steps * config.batch_size / seconds
         self.status.finish_line(f"epoch {epoch}/{config.epochs} | {describe(means)} | {seconds:.1f} s, "
-                                f"{images_per_second:.0f} img/s | {self.run.epoch_grid(epoch).name}")
+                                f"{images_per_second:.0f} img/s")
         if self.state.averaged:
             self.state.averaged.refresh()
         if self.scores and (epoch % config.eval_every == 0 or epoch == config.epochs):
@@ -188,23 +188,24 @@ class EpochOutputs:
             self.saved_generator.save(temporary)
 
     def evaluate(self, epoch):
-        """Score the sampler (and, with --ema, the raw G beside it); print the figures and keep them in the history."""
-        config, evaluator, averaged = self.config, self.evaluator, self.state.averaged
+        """Score the generator that draws the samples (the average with --ema); print the figures and keep them in
+        the history. A folder whose classifier is no better than chance gets one line instead, and no scores."""
+        config, evaluator = self.config, self.evaluator
+        if evaluator.meaningless:
+            print(f"No scores for {config.data_dir}: its classifier's {evaluator.meaningless}, so a Fréchet distance, "
+                  f"Inception Score or class coverage from it would mean nothing; the grids and losses go on",
+                  flush=True)
+            self.scores = False
+            return
 
         def score(generator):
             return sample.evaluate_generator(evaluator, generator, config.num_samples, config.seed,
                                              self.transform, config)
 
         figures = score(self.state.sampler)
-        if averaged:  # The raw generator too: the same training without the average, for comparison.
-            raw = score(self.state.generator)
-            figures["raw"] = {key: raw[key] for key in evaluation.FIGURES}
         print(f"  evaluation at epoch {epoch}: FID {figures['fid']:.3g} (real data {evaluator.floor['fid']:.3g}), "
-              f"IS {figures['inception_score']:.3g}, {figures['classes_covered']}/{figures['classes']} classes, "
-              f"confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)"
-              + (f"; raw G without the average: FID {figures['raw']['fid']:.3g}, IS "
-                 f"{figures['raw']['inception_score']:.3g}, {figures['raw']['classes_covered']} classes"
-                 if averaged else ""))
+              f"IS {figures['inception_score']:.3g} (at most {figures['classes']}), {figures['classes_covered']}/"
+              f"{figures['classes']} classes, confidence {figures['confidence']:.3f} ({figures['seconds']:.1f} s)")
         self.history["evaluations"].append({"epoch": epoch, **figures})
         self.hooks.evaluated(epoch, figures, score)
 
@@ -254,12 +255,13 @@ class EpochOutputs:
             sample.sample_images(self.state.sampler, random_noise, random_labels), columns))
         self.close()
         total = self.history["total_seconds"]
-        print(f"Done: {config.epochs} epochs in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
+        print(f"Done: {utils.counted(config.epochs, 'epoch')} in {total:.1f} s ({total / config.epochs:.1f} s/epoch). "
               f"Outputs in {run.path}")
         if evaluator:
             final = self.history["evaluations"][-1]
             utils.save_json(run.metrics, {"epoch": final["epoch"], "figures": final, "real_data_floor": evaluator.floor,
-                                          "classifier_test_accuracy": evaluator.test_accuracy})
+                                          "classifier_test_accuracy": evaluator.test_accuracy,
+                                          "real_data_classes": evaluator.reference_histogram})
             print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; {config.dataset} "
                   f"classifier test accuracy {evaluator.test_accuracy:.4f}; written to {run.metrics.name}):\n"
                   f"{evaluation.format_figures(final, evaluator.floor)}")

@@ -17,6 +17,7 @@ This module works on arrays; `utils.load_evaluator` finds the data and the cache
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -185,11 +186,27 @@ def accuracy(model, images, labels):
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
+def no_better_than_chance(accuracy, count, classes, z=1.96):
+    """Why scores from a classifier of `classes` classes would mean nothing, or None: the rule is that the lower
+    end of the 95% Wilson interval of its `accuracy` on `count` held-out images must exceed chance, 1/classes
+    (so 0.56 on 50 pictures of 2 classes is not clearly better than chance: 0.42 to 0.69)."""
+    if count < 1:
+        return "it has no held-out picture to be checked on"
+    centre = (accuracy + z * z / (2 * count)) / (1 + z * z / count)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / count + z * z / (4 * count * count)) / (1 + z * z / count)
+    if centre - half > 1.0 / classes:
+        return None
+    return (f"its accuracy on the {count} held-out pictures, {accuracy:.2f} (95% interval {centre - half:.2f} to "
+            f"{centre + half:.2f}), is not clearly better than chance ({1.0 / classes:.2f})")
+
+
 class Evaluator:
     """Scores sets of digits with the cached classifier against the MNIST test set's statistics."""
 
     def __init__(self, classifier, reference_mean, reference_cov, floor, test_accuracy, classes=None):
         self.classifier = classifier
+        self.meaningless = None  # Why its scores would mean nothing (a folder's weak classifier), or None.
+        self.reference_histogram = None  # The held-out images' classes: {"images": N, "fractions": {...}}.
         self.shape = tuple(classifier.inputs[0].shape[1:])
         self.classes = list(range(classifier.outputs[0].shape[-1])) if classes is None else list(classes)
         self.reference_mean = reference_mean

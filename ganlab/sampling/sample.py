@@ -43,16 +43,17 @@ def add_flags(parser):
                                "(and, for a conditional run, a morph through its classes)")
     sampling.add_argument("--evaluate", action="store_true",
                           help="do not train: score the run's trained generator (--out) on --num-samples samples")
-    sampling.add_argument("--num-samples", metavar="N", type=int, default=10_000,
-                          help="samples scored by each evaluation (default: 10000, the size of the MNIST test set)")
+    sampling.add_argument("--num-samples", metavar="N", type=int, default=0,
+                          help="samples scored by each evaluation (default: 0, which is 10000, the size of the MNIST "
+                               "test set; for a folder, its picture count up to 10000)")
     return sampling
 
 
 def check_flags(config):
     if config.generate is not None and config.generate < 1:
         raise UsageError(f"argument --generate: must be a positive number of samples, got {config.generate}")
-    if config.num_samples < 2:
-        raise UsageError(f"argument --num-samples: must be at least 2, got {config.num_samples}")
+    if config.num_samples and config.num_samples < 2:
+        raise UsageError(f"argument --num-samples: must be 0 (auto) or at least 2, got {config.num_samples}")
     if config.evaluate and config.generate is not None:
         raise UsageError("argument --evaluate: not allowed with --generate; run them one after the other")
     if config.label is not None and config.generate is None and not config.interpolate:
@@ -186,12 +187,23 @@ def load_evaluator(config):
         train_images, train_labels = utils.load_dataset(whole, "train")
         test_images, test_labels = utils.load_dataset(whole, "test")
     try:
-        return evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images, test_labels,
-                                                  classes=utils.classes_in_play(config),
-                                                  dataset=None if config.dataset == "folder" else config.dataset)
+        evaluator = evaluation.Evaluator.load_or_train(cache_dir(), train_images, train_labels, test_images,
+                                                       test_labels, classes=utils.classes_in_play(config),
+                                                       dataset=None if config.dataset == "folder" else config.dataset,
+                                                       log=lambda line: print(line, flush=True))
     except OSError as error:
         raise DataError(f"{cache_dir()}: cannot use the classifier cache ({error.strerror or error}); "
                         f"set GAN_MNIST_CACHE to a writable directory") from None
+    in_play = np.isin(test_labels, evaluator.classes)
+    counts = np.bincount(test_labels[in_play], minlength=len(config.class_names) or 1)
+    evaluator.reference_histogram = {  # Of the held-out images the scores compare against.
+        "images": int(in_play.sum()),
+        "fractions": {name: round(float(counts[c]) / max(int(in_play.sum()), 1), 4)
+                      for c, name in enumerate(config.class_names) if c in evaluator.classes}}
+    if config.dataset == "folder":
+        evaluator.meaningless = evaluation.no_better_than_chance(evaluator.test_accuracy, int(in_play.sum()),
+                                                                 len(evaluator.classes))
+    return evaluator
 
 
 def evaluate_generator(evaluator, generator, count, seed, transform, config):

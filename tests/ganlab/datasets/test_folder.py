@@ -13,7 +13,7 @@ from PIL import Image
 import dcgan_mnist
 import gan_mnist
 import utils
-from conftest import REPO, contents, fails
+from conftest import REPO, contents, fails, parsed
 from ganlab.datasets import cifar10, folder
 
 QUICK = ["--epochs", "1", "--batch-size", "32", "--eval-every", "0"]
@@ -250,3 +250,40 @@ def test_resuming_a_folder_run_whose_classes_changed_is_one_line(tmp_path, mnist
     status, error = fails(gan_mnist, ["--out", str(tmp_path / "run"), "--resume", "--epochs", "2"], capsys)
     assert status == 1 and "trained on the classes even, odd" in error and "even, uneven" in error
     assert contents(tmp_path / "run") == before
+
+
+def test_a_folder_run_is_named_after_its_folder_and_says_what_it_trains_on(tmp_path, mnist_train, capsys):
+    pets = write_pngs(tmp_path / "pets", mnist_train[0][:100], mnist_train[1][:100] % 2, names=["cats", "dogs"])
+    assert parsed(gan_mnist, "--dataset", "folder", "--data-dir", str(pets))["out"] == REPO / "results" / "gan_mnist-pets"
+    assert parsed(gan_mnist, "--dataset", "folder", "--data-dir", str(pets), "--out", str(tmp_path / "x"))["out"] == \
+        tmp_path / "x"
+    assert parsed(gan_mnist)["out"] == REPO / "results" / "gan_mnist"
+    assert parsed(gan_mnist, "--dataset", "folder", "--data-dir", str(pets))["num_samples"] == 100  # Sized to it.
+    for script in (gan_mnist, dcgan_mnist):  # The constant a user edits names it.
+        assert "or folder: your own pictures in --data-dir" in open(script.__file__).read()
+
+
+@pytest.mark.slow
+def test_scores_from_a_classifier_no_better_than_chance_are_not_printed(tmp_path, mnist_train, capsys):
+    """Digits dealt into two classes at random: no classifier can tell them apart on the held-out tenth."""
+    labels = np.random.default_rng(0).integers(0, 2, 200)
+    shuffled = write_pngs(tmp_path / "shuffled", mnist_train[0][:200], labels, names=["left", "right"])
+    run_dir = tmp_path / "run"
+    gan_mnist.main(["--dataset", "folder", "--data-dir", str(shuffled), "--epochs", "1", "--batch-size", "32",
+                    "--eval-every", "1", "--out", str(run_dir)])
+    out = capsys.readouterr().out
+    assert f"Training gan_mnist on 200 pictures of 2 classes in {shuffled} for 1 epoch of 6 steps" in out
+    notes = [line for line in out.splitlines() if line.startswith("No scores for")]
+    assert len(notes) == 1 and "is not clearly better than chance (0.50)" in notes[0], out
+    assert "FID" not in out and not (run_dir / "metrics.json").exists()
+    assert json.loads((run_dir / "history.json").read_text())["evaluations"] == []
+
+
+def test_the_chance_rule_is_the_lower_end_of_a_95_percent_interval():
+    from ganlab.sampling import evaluation
+
+    assert "0.56 (95% interval 0.42 to 0.69), is not clearly better than chance (0.50)" in \
+        evaluation.no_better_than_chance(0.56, 50, 2)
+    assert evaluation.no_better_than_chance(0.9, 50, 2) is None
+    assert evaluation.no_better_than_chance(0.5, 400, 3) is None  # Chance is a third.
+    assert evaluation.no_better_than_chance(1.0, 3, 2) is not None  # Three pictures prove little.

@@ -100,7 +100,7 @@ def test_resume_without_a_run_and_past_the_end_are_refused(tmp_path, mnist_dir, 
     gan_mnist.main(QUICK + ["--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
     with pytest.raises(SystemExit) as exit_status:
         errors.run_main(gan_mnist.main, ["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
-    assert exit_status.value.code == 2 and "already trained 1 epochs" in capsys.readouterr().err
+    assert exit_status.value.code == 2 and "already trained 1 epoch;" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

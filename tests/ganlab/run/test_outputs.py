@@ -66,3 +66,21 @@ def test_a_newer_job_replaces_one_waiting_and_an_error_reaches_the_training_thre
     files.submit("after", lambda: done.append("after"))  # The writer goes on.
     files.wait()
     assert done[-1] == "after"
+
+
+def test_real_samples_show_every_class_of_a_set_held_class_by_class(tmp_path, mnist_dir):
+    """A folder is held class by class: the grid of real images is spread over the whole set, not its start."""
+    import numpy as np
+    from types import SimpleNamespace
+    from ganlab.run import directory as run_directory
+
+    images = np.repeat(np.arange(10, dtype=np.uint8)[:, None, None, None] * 25, 30, axis=0) * np.ones((1, 4, 4, 1),
+                                                                                                   np.uint8)
+    run = run_directory.RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    config = SimpleNamespace(sample_grid=3, hyperparameters=(), script="gan_mnist", out=run.path, data_dir=None,
+                             num_samples=0, precision="fp32", xla=False, steps_per_call=1, checkpoint_minutes=0,
+                             deterministic=False, data_shape=(4, 4, 1), class_names=())
+    loop.write_run_start(config, run, images, "none", {})
+    grid = utils.iio.imread(run.real_samples)
+    assert len(set(grid.ravel().tolist()) - {255}) >= 8  # Nine pictures from across the 10 classes' levels.
