@@ -2,8 +2,8 @@
 
     python tests/signal_at.py MOMENT SIGNAL gan_mnist.py [flags...]
 
-At the first time the script reaches MOMENT (one of MOMENTS: inside an evaluation, the evaluation
-classifier's training, the GIF, the random grid), the process sends itself SIGNAL (INT or TERM),
+At the first time the script reaches MOMENT (one of MOMENTS: a compiled call, inside an evaluation, the
+evaluation classifier's training, the GIF, the random grid), the process sends itself SIGNAL (INT or TERM),
 as a terminal's Ctrl-C or a scheduler would, and goes on: what follows is the script's own
 handling. If it never gets there, it runs to the end and exits 0, which the test takes as a
 failure to reach the moment.
@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from ganlab import errors, keras  # noqa: E402  (first: TensorFlow loads with its chatter muted)
 import utils  # noqa: E402
+from ganlab.run import loop  # noqa: E402
 from ganlab.sampling import evaluation, sample  # noqa: E402
 
 moment, signum = sys.argv[1], getattr(signal, f"SIG{sys.argv[2]}")
@@ -39,7 +40,19 @@ def signal_on_entering(owner, attribute, when=lambda *args, **kwargs: True):
     setattr(owner, attribute, wrapper)
 
 
+def nth(count):
+    """A `when` that holds at its `count`-th call."""
+    calls = []
+
+    def when(*args, **kwargs):
+        calls.append(1)
+        return len(calls) == count
+
+    return when
+
+
 MOMENTS = {
+    "third-call": lambda: signal_on_entering(loop.CompiledCalls, "__call__", nth(3)),
     "evaluation": lambda: signal_on_entering(evaluation.Evaluator, "evaluate"),
     "classifier": lambda: signal_on_entering(keras.Model, "fit"),
     "gif": lambda: signal_on_entering(utils, "save_gif"),  # In the writer thread; the main thread waits for it.

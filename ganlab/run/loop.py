@@ -218,7 +218,7 @@ def train_epochs(config, run, state, train_steps, outputs, image_count):
                 raise stop(config, run, state, outputs, requests.signal, epoch, stopped) from None
     except BaseException:  # Whatever stops the run, the files being written are finished first.
         with contextlib.suppress(Exception):
-            outputs.files.wait()
+            outputs.close()
         raise
 
 

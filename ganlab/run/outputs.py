@@ -123,6 +123,9 @@ class EpochOutputs:
         with tf.device("/CPU:0"):  # What generator.keras is saved from, beside training: a copy of the sampler.
             self.saved_generator = keras.models.clone_model(state.sampler)
         self.metrics_plotted = 0  # Evaluations in metrics.png (the writer thread's): redrawn only when new.
+        self.loss_plot_at, self.loss_plot_seconds = float("-inf"), 0.0  # When losses.png was drawn, in how long.
+        self.generator_at, self.generator_seconds = float("-inf"), 0.0  # And generator.keras saved.
+        self.unsaved_weights = None  # The last epoch's sampler weights, when generator.keras does not hold them yet.
 
     def record_steps(self, call_values, steps_before):
         """Append a call's per-step values to the history; TensorBoard gets one point per call (its steps'
@@ -177,15 +180,25 @@ class EpochOutputs:
                     if "raw" in figures:
                         tf.summary.scalar(f"evaluation_raw_generator/{key}", figures["raw"][key])
         self.writer.flush()
-        weights = self.state.sampler.get_weights()
-        self.files.submit("generator", lambda: self.save_generator(weights))
+        # generator.keras as losses.png: at most a tenth of the time; an epoch's weights not saved are kept for
+        # when training stops (`close`), so that a stopped run's file is its last epoch's.
+        self.unsaved_weights = self.state.sampler.get_weights()
+        if gif or time.perf_counter() - self.generator_at >= 10 * self.generator_seconds:
+            self.save_generator_beside()
         self.write_pictures(epoch, gif=gif)
+
+    def save_generator_beside(self):
+        """Hand the unsaved weights to the writer thread, for generator.keras."""
+        weights, self.unsaved_weights = self.unsaved_weights, None
+        self.files.submit("generator", lambda: self.save_generator(weights))
 
     def save_generator(self, weights):
         """generator.keras: the sampler's `weights` (copied when its epoch ended), saved atomically."""
+        started = time.perf_counter()
         self.saved_generator.set_weights(weights)
         with utils.atomic_path(self.run.generator) as temporary:
             self.saved_generator.save(temporary)
+        self.generator_at, self.generator_seconds = time.perf_counter(), time.perf_counter() - started
 
     def evaluate(self, epoch):
         """Score the generator that draws the samples (the average with --ema); print the figures and keep them in
@@ -216,13 +229,17 @@ class EpochOutputs:
         self.close()
 
     def close(self):
-        """Wait for every file of the writer thread, then close TensorBoard."""
+        """Save the generator of the last epoch written if it is not yet, wait for every file of the writer
+        thread, then close TensorBoard."""
+        if self.unsaved_weights is not None:
+            self.save_generator_beside()
         self.files.wait()
         self.writer.close()
 
     def write_pictures(self, epochs_done, gif=False):
-        """The history and the loss plot, and the metrics plot when an evaluation is new; with `gif`, the GIF
-        of every epoch grid so far, written before it returns. All in the writer thread, from a copy.
+        """The history, the loss plot (at most a tenth of the time, and always with `gif`) and the metrics plot
+        when an evaluation is new; with `gif`, the GIF of every epoch grid so far, all written before it
+        returns. All in the writer thread, from a copy.
 
         The GIF re-reads every grid, so it is made when training stops (at the end, or interrupted),
         not after every epoch; a resumed run rebuilds it from all the grids.
@@ -231,7 +248,12 @@ class EpochOutputs:
 
         def pictures():
             utils.save_json(run.history, history, indent=None)  # Compact: it holds every iteration.
-            utils.plot_history(run.loss_plot, history)
+            # losses.png at most a tenth of the time (0.4 s a drawing on a 2-core CPU, against epochs of 1 s on
+            # a small set), and always when training stops: the device, or the CPU's other core, trains meanwhile.
+            started = time.perf_counter()
+            if gif or started - self.loss_plot_at >= 10 * self.loss_plot_seconds:
+                utils.plot_history(run.loss_plot, history)
+                self.loss_plot_at, self.loss_plot_seconds = time.perf_counter(), time.perf_counter() - started
             # Once this process has an evaluator (a resumed run's metrics.png stands until its first evaluation).
             if self._evaluator and len(history["evaluations"]) != self.metrics_plotted:
                 utils.plot_metrics(run.metrics_plot, history["evaluations"], self._evaluator.floor)

@@ -3,6 +3,7 @@ failures, one call in flight, and a training set kept in host memory when the de
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -12,7 +13,8 @@ import pytest
 import tensorflow as tf
 
 import gan_mnist
-from conftest import REPO, fails
+from conftest import REPO, as_from_a_terminal, fails
+from ganlab import errors
 from ganlab.devices import distribute
 from ganlab.run import loop
 
@@ -23,19 +25,21 @@ def history_of(run_dir):
     return json.loads((run_dir / "history.json").read_text())["iterations"]
 
 
-def xla_run(tmp_path, *flags):
-    return subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), *TINY, "--xla", "--steps-per-call", "2",
-                           "--checkpoint-minutes", "0", *flags], capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env=dict(os.environ, GAN_MNIST_CACHE=str(tmp_path / "cache")))
+def xla_run(tmp_path, *flags, stop_at_the_third_call=False):
+    driver = [str(REPO / "tests" / "signal_at.py"), "third-call", "INT"] if stop_at_the_third_call else []
+    return subprocess.run([sys.executable, *driver, str(REPO / "gan_mnist.py"), *TINY, "--xla", "--steps-per-call", "2",
+                           *flags], capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env=dict(os.environ, GAN_MNIST_CACHE=str(tmp_path / "cache")), preexec_fn=as_from_a_terminal)
 
 
 @pytest.mark.slow
 def test_one_xla_program_per_process_kept_for_the_next(tmp_path, mnist_dir):
-    """Calls of 2 steps then 1 (a ragged last call) over two epochs, then a resume from the middle of one:
-    one compiled program in all, written by the first process and loaded by the second."""
+    """Calls of 2 steps then 1 (a ragged last call), stopped 2 steps into the second epoch, then resumed from
+    there: one compiled program in all, written by the first process and loaded by the second."""
     run_dir, programs = tmp_path / "run", tmp_path / "cache" / "xla"
-    first = xla_run(tmp_path, "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(run_dir))
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = xla_run(tmp_path, "--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(run_dir),
+                    stop_at_the_third_call=True)
+    assert first.returncode == 130 and "stopped at epoch 2, step 2/3" in first.stderr, first.stderr[-3000:]
     written = sorted(programs.iterdir())
     assert len(written) == 1 and written[0].stat().st_size > 0, written  # Calls of 2 and 1 steps: one program.
     stamp = written[0].stat().st_mtime_ns
@@ -45,19 +49,33 @@ def test_one_xla_program_per_process_kept_for_the_next(tmp_path, mnist_dir):
     assert len(history_of(run_dir)["d_loss"]) == 6
 
 
+class StopInTheSecondEpoch(loop.Hooks):
+    """Records the compiled calls; asks the run to stop (SIGINT) in the second epoch's first call, so that it
+    stops mid-epoch, 2 steps into it."""
+
+    def __init__(self, compiled):
+        self.compiled, self.count = compiled, 0
+
+    def calls(self, train_steps):
+        self.compiled.append(train_steps)
+
+        def counted(indices):
+            self.count += 1
+            if self.count == 3:  # Calls of 2 and 1 steps: the third call is epoch 2's first.
+                os.kill(os.getpid(), signal.SIGINT)
+            return train_steps(indices)
+
+        return counted
+
+
 def test_the_call_is_traced_once_for_calls_of_any_length_and_a_resume_mid_epoch(tmp_path, mnist_dir):
     compiled = []
-
-    class RecordCalls(loop.Hooks):
-        def calls(self, train_steps):
-            compiled.append(train_steps)
-            return train_steps
-
     common = TINY + ["--steps-per-call", "2", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run")]
-    gan_mnist.main(common + ["--epochs", "1"], hooks=RecordCalls())
-    state = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert len(state["iterations"]["d_loss"]) == 3
-    gan_mnist.main(common + ["--epochs", "2", "--resume"], hooks=RecordCalls())
+    with pytest.raises(errors.TrainingStopped, match="stopped at epoch 2, step 2/3"):
+        gan_mnist.main(common + ["--epochs", "2"], hooks=StopInTheSecondEpoch(compiled))
+    assert len(history_of(tmp_path / "run")["d_loss"]) == 5
+    gan_mnist.main(common + ["--epochs", "2", "--resume"], hooks=StopInTheSecondEpoch(compiled))
+    assert len(history_of(tmp_path / "run")["d_loss"]) == 6  # Its last call: 1 step, from step 2 of epoch 2.
     assert [calls.experimental_get_tracing_count() for calls in compiled] == [1, 1]
     signature = compiled[0].get_concrete_function().structured_input_signature[0]
     assert signature[0].shape == (2, 32) and signature[1].shape == ()  # (K, batch) indices and the step count.
