@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from ganlab.devices import distribute, speed
 from ganlab.errors import UsageError
-from ganlab.run import loop
+from ganlab.run import calls, loop
 
 
 def add_flags(parser):
@@ -156,17 +156,17 @@ def time_training(config, data, build_training, min_seconds=6.0, min_steps=2, st
     _reset_peak_memory()
     images, labels = data
     state = loop.make_state(config, build_training, strategy)
-    train_steps = loop.compile_steps(state, images, labels, config, strategy)
+    train_steps = calls.compile_steps(state, images, labels, config, strategy)
     rng = np.random.default_rng(0)
-    calls = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
-             for _ in range(4)]
-    for indices in calls[:2]:  # Warm-up: the first call traces and compiles.
+    batches = [rng.integers(0, len(images), (config.steps_per_call, config.batch_size)).astype(np.int32)
+               for _ in range(4)]
+    for indices in batches[:2]:  # Warm-up: the first call traces and compiles.
         train_steps(indices).numpy()
 
     def window():
         steps, start = 0, time.perf_counter()
         while steps < min_steps or time.perf_counter() - start < min_seconds / 3:
-            train_steps(calls[steps // config.steps_per_call % len(calls)]).numpy()
+            train_steps(batches[steps // config.steps_per_call % len(batches)]).numpy()
             steps += config.steps_per_call
         return (time.perf_counter() - start) / steps
 

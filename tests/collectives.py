@@ -24,7 +24,7 @@ from tensorflow.python.distribute import distribute_lib  # noqa: E402
 
 from ganlab import configurator  # noqa: E402
 from ganlab.devices import distribute  # noqa: E402
-from ganlab.run import loop  # noqa: E402
+from ganlab.run import calls, loop  # noqa: E402
 
 COUNTS = {"all_reduce": 0, "merge_call": 0}
 _nesting = threading.local()  # Each replica's step is traced in a thread of its own.
@@ -62,7 +62,7 @@ def count(script, argv):
     side = config.data_shape[0]
     images = np.zeros((config.batch_size * 2, side, side, config.data_shape[-1]), np.uint8)
     labels = np.zeros((config.batch_size * 2,), np.int32)
-    steps = loop.compile_steps(state, images, labels, config, strategy)
+    steps = calls.compile_steps(state, images, labels, config, strategy)
     distribute_lib.ReplicaContext.all_reduce = _counting("all_reduce", distribute_lib.ReplicaContext.all_reduce)
     distribute_lib.ReplicaContext.merge_call = _counting("merge_call", distribute_lib.ReplicaContext.merge_call)
     steps.get_concrete_function()  # One step traced (the loop body holds one).

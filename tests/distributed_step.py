@@ -23,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 
 from ganlab import configurator  # noqa: E402
 from ganlab.devices import distribute  # noqa: E402
-from ganlab.run import loop  # noqa: E402
+from ganlab.run import calls, loop  # noqa: E402
 
 
 class SharedNoise:
@@ -64,7 +64,7 @@ def build_and_step(module, config, strategy, weights=None):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (BATCH * 2,) + tuple(IMAGE_SHAPE), dtype=np.uint8)
     labels = rng.integers(0, 10, (BATCH * 2,), dtype=np.int32)
-    steps = loop.compile_steps(state, tf.constant(images), tf.constant(labels), config, strategy)
+    steps = calls.compile_steps(state, tf.constant(images), tf.constant(labels), config, strategy)
     values = steps(np.arange(BATCH, dtype=np.int32)[None]).numpy()
     return {"before": before, "after": [model.get_weights() for model in models], "values": values}
 

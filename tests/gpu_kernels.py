@@ -28,7 +28,7 @@ from tensorflow.python.framework import kernels  # noqa: E402
 
 from ganlab import configurator  # noqa: E402
 from ganlab.devices import distribute  # noqa: E402
-from ganlab.run import loop  # noqa: E402
+from ganlab.run import calls, loop  # noqa: E402
 
 # Ops that TensorFlow keeps on the host by design, whatever the device, each with its reason. None
 # is needed today: every op of the training call has a GPU kernel for its types. (The shapes and
@@ -98,7 +98,7 @@ def traced_call(script, mode, argv):
     side = config.image_size if config.arch else 28
     images = np.zeros((config.batch_size * 2, side, side, 1), np.uint8)
     labels = np.zeros((config.batch_size * 2,), np.int32)
-    steps = loop.compile_steps(state, images, labels, config, strategy)
+    steps = calls.compile_steps(state, images, labels, config, strategy)
     return steps.get_concrete_function().graph.as_graph_def()
 
 

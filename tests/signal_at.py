@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from ganlab import errors, keras  # noqa: E402  (first: TensorFlow loads with its chatter muted)
 import utils  # noqa: E402
-from ganlab.run import loop  # noqa: E402
+from ganlab.run import calls  # noqa: E402
 from ganlab.sampling import evaluation, sample  # noqa: E402
 
 moment, signum = sys.argv[1], getattr(signal, f"SIG{sys.argv[2]}")
@@ -52,7 +52,7 @@ def nth(count):
 
 
 MOMENTS = {
-    "third-call": lambda: signal_on_entering(loop.CompiledCalls, "__call__", nth(3)),
+    "third-call": lambda: signal_on_entering(calls.CompiledCalls, "__call__", nth(3)),
     "evaluation": lambda: signal_on_entering(evaluation.Evaluator, "evaluate"),
     "classifier": lambda: signal_on_entering(keras.Model, "fit"),
     "gif": lambda: signal_on_entering(utils, "save_gif"),  # In the writer thread; the main thread waits for it.

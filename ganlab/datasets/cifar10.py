@@ -136,6 +136,7 @@ def download(directory):
     """
     directory = Path(directory)
     url = os.environ.get("CIFAR10_URL", URL)
+    created = [parent for parent in (directory, *directory.parents) if not parent.exists()]  # Removed on failure.
     try:
         directory.mkdir(parents=True, exist_ok=True)
         archive = directory / ".cifar-10-python.tar.gz"  # Removed once extracted; a later download replaces it.
@@ -155,6 +156,9 @@ def download(directory):
         finally:
             archive.unlink(missing_ok=True)
     except (OSError, ValueError, KeyError, tarfile.TarError) as error:
+        for folder in created:  # Innermost first: only what this call made, and only if still empty.
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise DataError(f"{directory}: CIFAR-10 download failed ({getattr(error, 'reason', None) or error}); "
                         f"put cifar-10-batches-py there or set CIFAR10_DIR") from None
 

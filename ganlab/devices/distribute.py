@@ -321,7 +321,7 @@ def agree_on_precision(strategy, precision):
     votes = strategy.reduce("SUM", vote(), axis=None)
     counts = {kind: int(count) for kind, count in zip(kinds, votes.numpy()) if count}
     if len(counts) > 1:
-        raise UsageError(f"argument --precision: the cluster's workers resolved different precisions ("
+        raise UsageError("argument --precision: the cluster's workers resolved different precisions ("
                          + ", ".join(f"{kind} on {count} replica{'s' if count > 1 else ''}"
                                      for kind, count in counts.items())
                          + "); pass the same --precision to every worker")

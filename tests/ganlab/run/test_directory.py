@@ -185,15 +185,6 @@ def test_the_divergence_message_gives_the_command_that_continues_with_a_lower_ra
     assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1, 2]
 
 
-def test_resume_in_fp16_of_a_run_without_a_loss_scale_names_the_flag(tmp_path, mnist_dir, capsys):
-    run_dir = tmp_path / "run"
-    gan_mnist.main(QUICK + ["--epochs", "1", "--precision", "fp32", "--data-dir", str(mnist_dir), "--out",
-                            str(run_dir)])
-    status, error = fails(gan_mnist, ["--resume", "--epochs", "2", "--precision", "fp16", "--out", str(run_dir),
-                                      "--data-dir", str(mnist_dir)], capsys)
-    assert status == 2 and error.count("\n") == 1 and "error: argument --precision: the run in" in error
-
-
 def test_checkpoints_are_saved_mid_epoch_every_few_minutes(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     gan_mnist.main(QUICK + ["--epochs", "2", "--checkpoint-minutes", "1e-9", "--steps-per-call", "1",
