@@ -2,6 +2,7 @@
 one line, the epoch's checkpoint saved and the command that resumes; the resumed run ends as if never stopped."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,14 +16,15 @@ from test_folder import write_pngs  # noqa: E402
 TINY = ["--limit", "100", "--batch-size", "32", "--seed", "2", "--num-samples", "200"]
 
 
-def signalled(moment, name, *flags, timeout=900):
+def signalled(moment, name, *flags, timeout=900, env=None):
     return subprocess.run([sys.executable, str(REPO / "tests" / "signal_at.py"), moment, name, "gan_mnist.py", *flags],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, preexec_fn=as_from_a_terminal)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, preexec_fn=as_from_a_terminal,
+                          env=env)
 
 
-def run_script(*flags, timeout=900):
+def run_script(*flags, timeout=900, env=None):
     return subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), *flags], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env=env)
 
 
 @pytest.mark.parametrize("name, status", [("INT", 130), ("TERM", 143)])
@@ -64,14 +66,15 @@ def test_a_signal_while_a_folders_classifier_trains_loses_nothing(tmp_path, mnis
     run_dir = tmp_path / "run"
     flags = ["--dataset", "folder", "--data-dir", str(pictures), "--batch-size", "32", "--seed", "2", "--num-samples",
              "200", "--eval-every", "1", "--out", str(run_dir)]
-    stopped = signalled("classifier", name, *flags, "--epochs", "1")
+    cache = dict(os.environ, GAN_MNIST_CACHE=str(tmp_path / "cache"))  # Its own: no classifier trained before.
+    stopped = signalled("classifier", name, *flags, "--epochs", "1", env=cache)
     assert stopped.returncode == status, stopped.stderr[-3000:]
     out = stopped.stdout
     assert out.index("epoch 1/1 |") < out.index("Training the evaluation classifier once")  # After the first epoch.
     lines = [line for line in stopped.stderr.splitlines() if line.strip()]
     assert "Traceback" not in stopped.stderr and len(lines) <= 2, stopped.stderr
     assert "stopped at the end of epoch 1, before its evaluation" in lines[-1] and "--resume" in lines[-1]
-    resumed = run_script("--out", str(run_dir), "--resume")
+    resumed = run_script("--out", str(run_dir), "--resume", env=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "classifier epoch 4/4" in resumed.stdout  # Its progress, a line an epoch.
     assert [e["epoch"] for e in json.loads((run_dir / "history.json").read_text())["evaluations"]] == [1]
