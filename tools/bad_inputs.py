@@ -105,8 +105,9 @@ def flag_cases():
         Case("flags", "--batch-size smaller than the replicas", ["gan_mnist.py", "--batch-size", "1", "--distribute",
                                                                  "mirrored", "--cpu-devices", "2", "--out",
                                                                  "{tmp}/new"], run=None),
-        Case("flags", "--precision fp16 on a non-fp16 run", ["gan_mnist.py", "--resume", "--epochs", "2",
-                                                             "--precision", "fp16", "--out", "{run}"]),
+        Case("flags", "--precision fp16 on a non-fp16 run (it moves across)", ["gan_mnist.py", "--resume", "--epochs",
+                                                                              "2", "--precision", "fp16", "--out",
+                                                                              "{run}"], expect="ran", keep=False),
     ]
     return cases
 

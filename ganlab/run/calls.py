@@ -39,7 +39,7 @@ def compile_steps(state, images, labels, config, strategy=None):
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     rows = distribute.shares(config.batch_size, replicas)
-    calls = min(config.steps_per_call, max(len(images) // config.batch_size, 1))  # K, the program's one shape.
+    calls = config.steps_per_call  # K, the program's one shape.
     on_host = not fits_on_device(images)
     copies = []
     for device in [] if on_host else strategy.extended.worker_devices if replicas > 1 else [None]:
