@@ -36,9 +36,9 @@ BN_MOMENTUM = 0.9  # batch-norm moving-average momentum; PyTorch's default, so s
 # Training length and data
 EPOCHS = 20  # Radford et al.'s MNIST length; digits are legible after a few epochs
 BATCH_SIZE = None  # images per step; 28: 64 (twice the steps per epoch of Radford's 128), 32 and 64: the seeds'
-LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
+LIMIT = 0  # train on the first LIMIT images only, for quick runs (a folder: LIMIT from each class in proportion; 0: all)
 DATASET = "mnist"  # mnist, fashion_mnist, cifar10 (32x32 colour), or folder: your own pictures in --data-dir
-CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
+CLASSES = ""  # train on these classes only, comma-separated: names, or indices where no class has that name (empty: all)
 CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Optimisation
 LR = None  # Adam learning rate for both networks; 28: 1e-3, 32 and 64: Radford's 2e-4

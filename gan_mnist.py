@@ -26,9 +26,9 @@ import utils
 # Training length and data
 EPOCHS = 100  # znxlwm's length; a fully-connected GAN needs many epochs to sharpen its digits
 BATCH_SIZE = 100  # znxlwm's batch size: 600 steps per epoch on the 60,000 training images
-LIMIT = 0  # train on the first LIMIT images only, for quick runs (0: all 60,000)
+LIMIT = 0  # train on the first LIMIT images only, for quick runs (a folder: LIMIT from each class in proportion; 0: all)
 DATASET = "mnist"  # mnist, fashion_mnist, cifar10 (32x32 colour), or folder: your own pictures in --data-dir
-CLASSES = ""  # train on these classes only, indices or names, comma-separated (empty: all)
+CLASSES = ""  # train on these classes only, comma-separated: names, or indices where no class has that name (empty: all)
 CONDITIONAL = False  # class-conditional G(z, y) and D(x, y), so a digit can be asked for (--generate --label)
 # Models
 LATENT_DIM = 100  # size of the noise vector z ~ N(0, I) that G maps to an image

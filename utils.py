@@ -238,9 +238,25 @@ DATASETS = {
 }
 
 
+def data_source(config):
+    """Where the run's training images were read from, resolved, for config.json (issue 41, 1): the folder of
+    pictures, the directory of the dataset's files, or Keras's mnist.npz; None if not found."""
+    if config.dataset == "folder":
+        return str(Path(config.data_dir).expanduser().resolve())
+    if config.dataset == "cifar10":
+        files = cifar10.locate("train", config.data_dir)[0]
+    else:
+        files = locate_idx_dataset(config.dataset, "train", config.data_dir)[0]
+    if not files:
+        return None
+    return str(Path(files[0]).resolve() if len(files) == 1 else Path(files[0]).resolve().parent)
+
+
 def parse_classes(text, class_names, dataset):
-    """`--classes` as sorted class indices: a comma-separated list of indices or names of `class_names`;
-    '' means all. A dataset without classes (a folder without subfolders) has one, 0."""
+    """`--classes` as sorted class indices: a comma-separated list of names of `class_names` or indices; a
+    token that names a class is that class (a folder's subfolder "2" is "2", wherever it sorts), and
+    is read as an index only where no class has that name; '' means all. A dataset without classes
+    (a folder without subfolders) has one, 0."""
     if not class_names:
         if text.strip():
             raise UsageError(f"argument --classes: {dataset} has no classes (a folder without class subfolders)")
@@ -251,10 +267,10 @@ def parse_classes(text, class_names, dataset):
     indices = set()
     for token in (t.strip() for t in text.split(",")):
         wanted = token.lower().replace("_", " ")
-        if token.isdigit() and int(token) < len(names):
-            indices.add(int(token))
-        elif wanted in names:
+        if wanted in names:
             indices.add(names.index(wanted))
+        elif token.isascii() and token.isdigit() and int(token) < len(names):  # Not "²", which int() refuses.
+            indices.add(int(token))
         else:
             raise UsageError(f"argument --classes: {token!r} is not a {dataset} class; use 0..{len(names) - 1} "
                              f"or one of {', '.join(class_names)}")
@@ -267,7 +283,8 @@ def classes_in_play(config):
 
 
 def load_dataset(config, split="train", limit=0):
-    """The `config.dataset` split, kept to `config.classes`, then to the first `limit` images.
+    """The `config.dataset` split, kept to `config.classes`, then to the first `limit` images (of a folder:
+    `limit` images from every class in proportion, `folder.spread_order`).
 
     A folder (--dataset folder) is one set: its "train" split is all of it, at `config.data_shape`.
     """
@@ -287,6 +304,9 @@ def load_dataset(config, split="train", limit=0):
     if len(wanted) < max(len(config.class_names), 1):
         keep = np.isin(labels, wanted)
         images, labels = images[keep], labels[keep]
+    if config.dataset == "folder" and limit and limit < len(images):  # Every class in proportion, not the first.
+        keep = np.sort(folder.spread_order(labels)[:limit])
+        return images[keep], labels[keep]
     return _apply_limit(images, labels, limit)
 
 
@@ -301,6 +321,12 @@ def load_training_images(config, image_size=None, transform="none"):
         raise DataError(f"--classes {config.classes}: the {config.dataset} training set holds no images of them")
     if config.batch_size > len(images):
         raise UsageError(f"argument --batch-size: {config.batch_size} is larger than the {len(images)} training images")
+    missing = [config.class_names[c] for c in classes_in_play(config) if config.conditional and c not in labels]
+    if missing:  # G would be asked to draw a class it never saw (issue 41, 8).
+        raise DataError(f"{config.data_dir or config.dataset}: no training image of class {', '.join(missing)}"
+                        + (f" among the {counted(config.limit, 'picture')} of --limit {config.limit}" if config.limit
+                           else "") + "; a conditional run needs every class: raise --limit, or leave it out "
+                                      "with --classes")
     # Kept as uint8 at the model's size (a quarter of float32's memory, on the device too); each
     # step scales its batch to [-1, 1]. Converted in chunks, so the float copies stay small.
     size = image_size or images.shape[1]

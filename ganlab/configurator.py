@@ -21,11 +21,13 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import utils
 from ganlab import bench, errors
 from ganlab.devices import distribute, speed
 from ganlab.errors import DataError, UsageError, flag
-from ganlab.datasets import folder
+from ganlab.datasets import cifar10, downloads, folder
 from ganlab.run import directory as run_directory
 from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
@@ -61,6 +63,18 @@ _CHECKS = {
 }
 
 
+# The type of each hyperparameter the scripts name, so that an edited constant of the wrong type is one
+# line naming it (a whole float such as 20.0 is taken as an integer).
+KINDS = dict(epochs=int, batch_size=int, limit=int, latent_dim=int, kernel_size=int, sample_grid=int, eval_every=int,
+             g_steps=int, seed=int, lr=float, beta1=float, beta2=float, r1=float, ema=float, dropout=float,
+             leaky_slope=float, bn_momentum=float, dataset=str, classes=str, loss=str, augment=str, arch=str,
+             conditional=bool)
+# The hyperparameters the machinery (ganlab) reads of every script: each must be a constant at its top.
+REQUIRED = ("epochs", "batch_size", "limit", "dataset", "classes", "conditional", "latent_dim", "lr", "beta1", "beta2",
+            "loss", "r1", "ema", "augment", "seed", "sample_grid", "eval_every")
+_KIND_NAMES = {bool: "True or False", int: "a whole number", float: "a number", str: "a string in quotes"}
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line naming the flag, raised as UsageError."""
 
@@ -78,6 +92,35 @@ def _read_constants(script_path, namespace):
             if value is None or isinstance(value, (bool, int, float, str)):
                 constants.append((match.group(1), (match.group(2) or "").strip()))
     return constants
+
+
+def _of_kind(key, value, where):
+    """`value` of hyperparameter `key` as its type (KINDS), a whole float taken as an integer and an integer
+    as a float; UsageError naming `where` (the constant or preset entry it came from) otherwise."""
+    kind = KINDS.get(key)
+    if kind is None or value is None or (type(value) is kind):
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise UsageError(f"{where} = {value!r} at the top of the script: must be {_KIND_NAMES[kind]}")
+
+
+def _check_constants(script_path, namespace, names, presets):
+    """Issue 41, 5: every constant the machinery or the script's own code reads is there (a deleted line would be
+    an AttributeError after TensorFlow has started), and each preset entry is of its hyperparameter's type."""
+    script = Path(script_path).name
+    used = set(re.findall(r"(?<![.\w])config\.([a-z_][a-z0-9_]*)", Path(script_path).read_text()))
+    for key in sorted(set(REQUIRED) | (used & set(KINDS))):
+        if key not in names and key.upper() in namespace:  # There, but not of a plain type (a list, say).
+            _of_kind(key, namespace[key.upper()], f"{script}: {key.upper()}")
+        if key not in names:
+            raise UsageError(f"{script}: the constant {key.upper()} is missing from the top of the script (its "
+                             f"{flag(key)} is read in training); put its line back")
+    for preset, spec in presets.items():
+        for key, value in spec.items():
+            _of_kind(key, value, f"{script}: PRESETS[{preset!r}][{key!r}]")
 
 
 def _parse_value(kind):
@@ -152,6 +195,9 @@ def with_devices(values, default_steps_per_call=1):
         distribute.use_gpus("off", cpu=True)  # No GPU is visible from here on.
     values["distribute"] = distribute.choose(values["distribute"], values["step_multiply_adds"])
     values["replicas"] = distribute.take_devices(values["distribute"], values["cpu_devices"], values["cpu"])
+    if values["cpu_devices"] and values["distribute"] != "mirrored":  # Issue 41, 11: said, not ignored.
+        print(f"--cpu-devices {values['cpu_devices']}: the CPU's logical devices serve --distribute mirrored only; "
+              f"this run trains on one device (--distribute {values['distribute']})")
     requested = values["precision"]
     values |= speed.choose(values, default_steps_per_call)
     if values.get("saved_precision") and values["saved_precision"] != values["precision"] and (
@@ -164,6 +210,12 @@ def with_devices(values, default_steps_per_call=1):
     if values["eval_every"] and len(values["class_names"]) < 2:
         print(f"No evaluation: {values['data_dir']} has no class subfolders (two or more), and the Fréchet distance "
               f"and the other figures come from a classifier of its classes; the grids, losses and GIF still come")
+        values["eval_every"] = 0
+    too_small = values["eval_every"] and values["class_sizes"] and sample.too_small_to_score(
+        values["class_names"], values["class_sizes"], utils.parse_classes(values["classes"], values["class_names"],
+                                                                          values["dataset"]))
+    if too_small:
+        print(f"No evaluation: in {values['data_dir']}, {too_small}; the grids, losses and GIF still come")
         values["eval_every"] = 0
     if values["batch_size"] < values["replicas"]:
         raise UsageError(f"argument --batch-size: {values['batch_size']} is smaller than the {values['replicas']} "
@@ -200,6 +252,7 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
                             allow_abbrev=False,  # A flag is its full name, so --resume can tell which were given.
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     names = _add_hyperparameters(parser, script_path, namespace, presets, auto_preset)
+    _check_constants(script_path, namespace, names, presets)
     utils.add_flags(parser)
     run_directory.add_flags(parser, script_name)
     loop.add_flags(parser)
@@ -213,18 +266,36 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
     values |= dict(script=script_name, hyperparameters=tuple(names), multiply_adds=namespace.get("multiply_adds"),
                    explicit=frozenset(key for key in names if flag(key) in given
-                                      or flag(key).replace("--", "--no-") in given))
-    values = _data_and_preset(values | UNRESOLVED, presets, auto_preset)
-    _check_hyperparameters(values)
-    checked = freeze(values)  # Checks only check.
-    for group in (utils, run_directory, loop, sample, speed, distribute, bench):
-        group.check_flags(checked)
+                                      or flag(key).replace("--", "--no-") in given),
+                   constants=tuple((key, parser.get_default(key)) for key in names))
+    try:
+        values = _data_and_preset(values | UNRESOLVED, presets, auto_preset)
+        _check_hyperparameters(values)
+        checked = freeze(values)  # Checks only check.
+        for group in (utils, run_directory, loop, sample, speed, distribute, bench):
+            group.check_flags(checked)
+    except UsageError as error:
+        raise _naming_the_constant(error, values) from None
     # --num-samples 0: the MNIST test set's 10,000; a folder's own picture count, up to that.
     values["num_samples"] = values["num_samples"] or min(10_000, values["data_images"] or 10_000)
     values["out"] = run_directory.default_out(values["out"], script_name,
                                               values["data_dir"] if values["dataset"] == "folder" else None)
     values["batch_sizes"] = bench.batch_sizes(values["batch_sizes"])
     return values
+
+
+def _naming_the_constant(error, values):
+    """A UsageError about a hyperparameter's flag that the user never passed, reworded to name where its value
+    came from: the constant at the top of the script, or the preset's entry (issue 41, 5)."""
+    match = re.match(r"argument (--[a-z0-9-]+): (.*)", str(error), re.DOTALL)
+    key = match and match.group(1)[2:].replace("-", "_")
+    if (not match or key not in values["hyperparameters"] or key in values["explicit"]
+            or any(flag(given) in match.group(2) for given in values["explicit"])):  # A rule between two flags.
+        return error
+    script, constant = f"{values['script']}.py", dict(values["constants"])[key]
+    where = (f"{script}: PRESETS[{values['arch']!r}][{key!r}] = {values[key]!r}" if constant is None
+             else f"{script}: {key.upper()} = {constant!r} at the top of the script")
+    return UsageError(f"{where}: {match.group(2)}")
 
 
 def _data_and_preset(values, presets, auto_preset):
@@ -241,7 +312,8 @@ def _data_and_preset(values, presets, auto_preset):
                       f"(their median shorter side: {values['data_side']} px)")
         if values["arch"] not in presets:
             raise UsageError(f"argument --arch: {values['arch']} is not a preset ({', '.join(presets)})")
-        values |= {key: value for key, value in presets[values["arch"]].items()
+        values |= {key: _of_kind(key, value, f"PRESETS[{values['arch']!r}][{key!r}]")
+                   for key, value in presets[values["arch"]].items()
                    if key not in values["hyperparameters"] or values[key] is None}
     return values | {"data_shape": _data_shape(values)}
 
@@ -253,9 +325,10 @@ def _data(values):
     if not check(values["dataset"]):
         raise UsageError(f"argument --dataset: {requirement}, got {values['dataset']}")
     if values["dataset"] != "folder":
+        _check_data_dir(values["data_dir"], values["dataset"])
         height, _, channels = utils.DATASETS[values["dataset"]].shape
         return dict(data_side=height, data_channels=channels, class_names=tuple(utils.DATASETS[values["dataset"]].classes),
-                    data_images=0)
+                    data_images=0, class_sizes=())
     if not values["data_dir"]:
         raise UsageError("argument --data-dir: --dataset folder trains on the pictures in --data-dir; name the folder")
     found = folder.probe(values["data_dir"])
@@ -263,7 +336,30 @@ def _data(values):
         raise UsageError(f"argument --conditional: {found.root} has no class subfolders, so no labels to condition "
                          f"on; put each class's pictures in a subfolder of its own")
     return dict(data_side=found.side, data_channels=found.channels, class_names=found.class_names,
-                data_images=len(found.files))
+                data_images=len(found.files),
+                class_sizes=tuple(int(n) for n in np.bincount(found.labels, minlength=len(found.class_names))))
+
+
+def _check_data_dir(data_dir, dataset):
+    """Issue 41, 1: a --data-dir for a named dataset must hold its files or be empty (a download goes there);
+    one of pictures is a folder of one's own, which --dataset folder reads, never a place to download into."""
+    directory = Path(data_dir).expanduser() if data_dir else None
+    if directory is None or not directory.is_dir():
+        return
+    entries = list(directory.iterdir())
+    names = {entry.name.removesuffix(".gz") for entry in entries}
+    wanted = set(cifar10.FILES["train"] + cifar10.FILES["test"]) if dataset == "cifar10" else {
+        name for split in downloads.IDX_FILES.values() for name in split}
+    if not entries or names & wanted:
+        return
+    pictures = [entry for entry in entries if entry.suffix.lower() in folder.FORMATS] + [
+        picture for entry in entries if entry.is_dir() for picture in entry.iterdir()
+        if picture.suffix.lower() in folder.FORMATS]
+    if pictures:
+        raise UsageError(f"argument --data-dir: {directory} holds pictures, not {dataset}'s files; to train on "
+                         f"them, add --dataset folder")
+    raise UsageError(f"argument --data-dir: {directory} holds none of {dataset}'s files and is not empty, so "
+                     f"nothing is downloaded into it; name the directory of {dataset}'s files, or an empty one")
 
 
 def _data_shape(values):
@@ -288,18 +384,23 @@ def saved_settings(run, saved, values):
         raise UsageError(f"argument --resume: {run.path} holds a {saved.get('script')} run, "
                          f"not a {values['script']} run")
     changes, differences = {}, []
+    edited = edited_constants(saved, values)
     for key in values["hyperparameters"]:
         if key not in saved:
             continue
+        given = key in values["explicit"] or key in edited  # A constant edited since is taken as its flag.
         problem = saved_value_problem(key, saved[key], values[key])
-        if problem and not (key in values["explicit"] and key in RESUMABLE_CHANGES):  # Hand-edited: refused as
-            raise DataError(f"{run.config}: \"{key}\" is {json.dumps(saved[key])}: {problem} "  # its flag
-                            f"(as {flag(key)}); correct it, or start a new run with --out")  # would be.
-        if key in values["explicit"] and values[key] != saved[key]:
+        if problem and not (given and key in RESUMABLE_CHANGES):  # Hand-edited: refused as its flag would be.
+            raise DataError(f"{run.config}: \"{key}\" is {json.dumps(saved[key])}: {problem} "
+                            f"(as {flag(key)}); correct it, or start a new run with --out")
+        if given and values[key] != saved[key]:
+            named = flag(key) if key in values["explicit"] else edited[key]
             if key == "lr" and values[key] < saved[key]:
                 changes["lr_change"] = (saved[key], values["lr"])
             elif key not in RESUMABLE_CHANGES:
-                differences.append(f"{flag(key)} {values[key]} (the run has {saved[key]})")
+                differences.append(f"{named} {values[key]} (the run has {saved[key]})")
+            if key in edited and (key in RESUMABLE_CHANGES or "lr_change" in changes and key == "lr"):
+                print(f"{edited[key]} {values[key]}, edited since the run started: taken (the run had {saved[key]})")
         else:
             changes[key] = saved[key]
     if changes.get("dataset", values["dataset"]) == "folder" and not values["data_dir"]:
@@ -320,7 +421,7 @@ def saved_settings(run, saved, values):
     if differences:
         raise UsageError(f"argument --resume: {run.path} was trained with other settings: "
                          f"{'; '.join(differences)} (only --epochs, --eval-every and a lower --lr may change). "
-                         f"Start a new run with --out, or --overwrite")
+                         f"Put it back, or start a new run with --out, or --overwrite")
     if not run.checkpoint_prefixes():
         trained = run.trained_outputs()
         if trained:  # Its checkpoints were deleted (to save space, say): starting over would wipe its outputs.
@@ -333,18 +434,31 @@ def saved_settings(run, saved, values):
     return changes
 
 
+def edited_constants(saved, values):
+    """Issue 41, 6: the constants at the top of the script whose value has changed since the run started (its
+    config.json's "constants"), not given as flags: {key: "NAME at the top of script.py"}."""
+    then, now = saved.get("constants"), dict(values["constants"])
+    if not isinstance(then, dict):  # A run from before constants were recorded.
+        return {}
+    return {key: f"{key.upper()} at the top of {values['script']}.py" for key, value in now.items()
+            if key in then and then[key] != value and key not in values["explicit"]}
+
+
 def _add_hyperparameters(parser, script_path, namespace, presets, auto_preset):
     """One flag per constant of the script, in its order; returns their lower-case names."""
     hyper = parser.add_argument_group("hyperparameters (defaults from the constants at the top of the script)")
     names = []
     for name, comment in _read_constants(script_path, namespace):
-        key, default = name.lower(), namespace[name]
+        key = name.lower()
+        default = _of_kind(key, namespace[name], f"{Path(script_path).name}: {name}")
         names.append(key)
         if default is None:
             preset_values = {p: spec[key] for p, spec in presets.items() if key in spec}
-            if not preset_values:
-                raise TypeError(f"{name} is None but no preset gives {key!r}")
-            kind = type(next(iter(preset_values.values())))
+            if not preset_values:  # None means "the preset's", and no preset gives it.
+                kind = KINDS.get(key)
+                raise UsageError(f"{Path(script_path).name}: {name} = None at the top of the script: must be "
+                                 f"{_KIND_NAMES[kind] if kind else 'a value'} (no preset gives {key})")
+            kind = KINDS.get(key) or type(next(iter(preset_values.values())))
             shown = ", ".join(f"{p}: {v}" for p, v in preset_values.items())
             help_text = f"{comment} (default: from --arch; {shown})"
         else:

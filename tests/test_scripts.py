@@ -8,6 +8,7 @@ import pytest
 
 import dcgan_mnist
 import gan_mnist
+from conftest import fails
 from ganlab import errors
 from ganlab.run import loop
 
@@ -123,3 +124,19 @@ def test_the_same_seed_repeats_a_run_exactly(tmp_path, mnist_dir):
     assert histories[0] == histories[1]
     np.testing.assert_array_equal(iio.imread(tmp_path / "first" / "epoch_001.png"),
                                   iio.imread(tmp_path / "second" / "epoch_001.png"))
+
+
+def test_a_generator_of_another_architecture_copied_into_a_run_is_one_line(tmp_path, mnist_dir, capsys):
+    """Issue 41, 10: a dcgan_mnist.py --arch 32 generator in a gan_mnist.py run was a traceback on --generate."""
+    import shutil
+
+    gan_mnist.main(["--epochs", "1", "--limit", "64", "--batch-size", "32", "--eval-every", "0", "--data-dir",
+                    str(mnist_dir), "--out", str(tmp_path / "gan")])
+    dcgan_mnist.main(["--epochs", "1", "--arch", "32", "--limit", "32", "--batch-size", "16", "--eval-every", "0",
+                      "--data-dir", str(mnist_dir), "--out", str(tmp_path / "dcgan")])
+    shutil.copy(tmp_path / "dcgan" / "generator.keras", tmp_path / "gan" / "generator.keras")
+    before = sorted(p.name for p in (tmp_path / "gan").iterdir())
+    status, err = fails(gan_mnist, ["--out", str(tmp_path / "gan"), "--generate", "4"], capsys)
+    assert status == 1 and err.count("\n") == 1, err
+    assert "generator.keras: not this run's generator (it takes noise of 200, the run's config.json says 100)" in err
+    assert sorted(p.name for p in (tmp_path / "gan").iterdir()) == before  # Nothing written.

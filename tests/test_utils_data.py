@@ -259,3 +259,13 @@ def test_a_download_killed_outright_leaves_no_part_file_behind_the_next(tmp_path
     stale.write_bytes(b"half a download")
     utils.load_mnist("test", target, limit=5)
     assert sorted(p.name for p in target.iterdir()) == sorted(TEST_FILES)
+
+
+def test_a_class_named_like_a_number_is_that_class_and_other_digits_are_one_line():
+    """Issue 41, 2: subfolders 0, 1, 10, 2 sort as named; "2" means the class named 2, not index 2 (10)."""
+    names = ("0", "1", "10", "2")
+    assert utils.parse_classes("2", names, "folder") == [3]
+    assert utils.parse_classes("10,0", names, "folder") == [0, 2]
+    assert utils.parse_classes("3", names, "folder") == [3]  # No class is named 3: index 3.
+    with pytest.raises(errors.UsageError, match="'²' is not a folder class"):
+        utils.parse_classes("²", names, "folder")

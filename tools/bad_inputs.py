@@ -3,7 +3,8 @@
     python tools/bad_inputs.py [--family NAME] [--only SUBSTRING] [--json FILE] [--jobs N]
 
 The cases come in families: every flag's value, every environment variable, every file the project
-reads, every location it writes, and signals during each phase. Each runs one command of a script
+reads, every location it writes, signals during each phase, a folder of one's own pictures and its
+caches, and the constants at the top of the scripts, edited. Each runs one command of a script
 against real MNIST (found as the scripts find it) and two small trained runs made first, in a
 temporary directory. Its outcome is one of:
 
@@ -396,6 +397,216 @@ def signal_cases():
     ]
 
 
+FOLDER_QUICK = ["--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--seed", "3"]
+
+
+def pictures(relative="outside", classes=("cat", "dog"), count=12, start=0):
+    """setup: `count` real MNIST digits as PNGs in each class subfolder of {tmp}/`relative` (flat with classes=())."""
+    def setup(tmp):
+        from PIL import Image
+
+        images = mnist_images()
+        for index, name in enumerate(classes or ("",)):
+            target = tmp / relative / name
+            target.mkdir(parents=True, exist_ok=True)
+            for number in range(count):
+                picture = images[start + index * count + number]
+                Image.fromarray(picture).save(target / f"{number:03d}.png")
+    return setup
+
+
+def mnist_images():
+    """The first thousand real MNIST training images, uint8 (N, 28, 28)."""
+    global MNIST_IMAGES
+    if MNIST_IMAGES is None:
+        import utils
+        MNIST_IMAGES = utils.load_mnist("train", MNIST, limit=1000)[0]
+    return MNIST_IMAGES
+
+
+def then(*steps):
+    """setup: several setups in turn."""
+    def setup(tmp):
+        for step in steps:
+            step(tmp)
+    return setup
+
+
+def folder_cases():
+    """Issue 41: a folder of one's own pictures (--dataset folder), its caches, and where it is given from."""
+    train = ["gan_mnist.py", "--dataset", "folder", "--data-dir", "{tmp}/outside", *FOLDER_QUICK, "--out", "{tmp}/new"]
+    cache = {"GAN_MNIST_CACHE": "{tmp}/cache"}
+    folder = dict(run=None, env=cache)
+
+    def write(relative, content):
+        def setup(tmp):
+            path = tmp / "outside" / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if content == "dir":
+                path.mkdir()
+            elif content == "fifo":
+                os.mkfifo(path)
+            elif isinstance(content, tuple):  # ("link", target)
+                path.symlink_to(tmp / "outside" / content[1])
+            else:
+                path.write_bytes(content)
+        return setup
+
+    def jpeg_named_png(tmp):
+        from PIL import Image
+        Image.fromarray(mnist_images()[500]).save(tmp / "outside" / "cat" / "lies.png", format="JPEG")
+
+    def dead_temporary(tmp):
+        (tmp / "cache" / "folders").mkdir(parents=True)
+        (tmp / "cache" / "folders" / ".0123abcd-28x1-24.npz.tmp-999999").write_bytes(b"x" * 1000)
+
+    def damaged_cache(tmp):
+        subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--dataset", "folder", "--data-dir",
+                        str(tmp / "outside"), *FOLDER_QUICK, "--out", str(tmp / "first")], capture_output=True,
+                       env=dict(os.environ, GAN_MNIST_CACHE=str(tmp / "cache"), MNIST_DIR=str(MNIST)), cwd=tmp)
+        for path in (tmp / "cache" / "folders").glob("*.npz"):
+            path.write_bytes(path.read_bytes()[:200])
+
+    numbered = pictures(classes=("0", "1", "2", "10"), count=8)
+    return [
+        Case("folders", "--data-dir of pictures without --dataset folder", ["gan_mnist.py", "--data-dir",
+                                                                           "{tmp}/outside", *QUICK, "--out", "{tmp}/new"],
+             setup=pictures(), **folder),
+        Case("folders", "--data-dir of flat pictures without --dataset folder", ["gan_mnist.py", "--data-dir",
+                                                                                "{tmp}/outside", *QUICK, "--out",
+                                                                                "{tmp}/new"],
+             setup=pictures(classes=()), **folder),
+        Case("folders", "--data-dir of other files for MNIST", ["gan_mnist.py", "--data-dir", "{tmp}/outside", *QUICK,
+                                                               "--out", "{tmp}/new"],
+             setup=write("notes.txt", b"mine"), **folder),
+        Case("folders", "--data-dir of pictures for CIFAR-10", ["dcgan_mnist.py", "--dataset", "cifar10", "--data-dir",
+                                                               "{tmp}/outside", *QUICK, "--out", "{tmp}/new"],
+             setup=pictures(), **folder),
+        Case("folders", "--dataset folder without --data-dir", ["gan_mnist.py", "--dataset", "folder", *FOLDER_QUICK,
+                                                              "--out", "{tmp}/new"], **folder),
+        Case("folders", "--data-dir a missing folder", train, **folder),
+        Case("folders", "--data-dir a file", train, setup=lambda tmp: (tmp / "outside").write_text("keep"), **folder),
+        Case("folders", "an empty folder", train, setup=lambda tmp: (tmp / "outside").mkdir(), **folder),
+        Case("folders", "only files that are not pictures", train, setup=write("a.txt", b"text"), **folder),
+        Case("folders", "only hidden pictures", train, setup=then(pictures(classes=()), lambda tmp: [
+            p.rename(p.with_name("." + p.name)) for p in (tmp / "outside").glob("*.png")]), **folder),
+        Case("folders", "every picture corrupt", train, setup=then(pictures(classes=()), lambda tmp: [
+            p.write_bytes(b"\x89PNG junk") for p in (tmp / "outside").glob("*.png")]), **folder),
+        Case("folders", "an empty class", train, setup=then(pictures(), write("bird", "dir")), **folder),
+        Case("folders", "pictures at the top and in a subfolder", train,
+             setup=then(pictures(classes=()), pictures(classes=("rejects",), count=2, start=100)), **folder),
+        Case("folders", "a class that is a link to another", train,
+             setup=then(pictures(), write("puppy", ("link", "dog"))), **folder),
+        Case("folders", "a picture linked from another class", train,
+             setup=then(pictures(), write("cat/also.png", ("link", "dog/000.png"))), **folder),
+        Case("folders", "a FIFO named like a picture", train, setup=then(pictures(), write("cat/pipe.png", "fifo")),
+             expect="ran", **folder),
+        Case("folders", "a directory named like a picture", train,
+             setup=then(pictures(), write("cat/sub.png", "dir")), expect="ran", **folder),
+        Case("folders", "a dangling link named like a picture", train,
+             setup=then(pictures(), write("cat/gone.png", ("link", "nowhere.png"))), expect="ran", **folder),
+        Case("folders", "a JPEG named .png", train, setup=then(pictures(), jpeg_named_png), expect="ran", **folder),
+        Case("folders", "an empty picture file", train, setup=then(pictures(), write("cat/empty.png", b"")),
+             expect="ran", **folder),
+        Case("folders", "a file name that is not UTF-8", train,
+             setup=then(pictures(), lambda tmp: os.rename(tmp / "outside" / "cat" / "000.png",
+                                                          os.fsencode(tmp / "outside" / "cat") + b"/\xff.png")),
+             expect="ran", **folder),
+        Case("folders", "--data-dir given through a link", ["gan_mnist.py", "--dataset", "folder", "--data-dir",
+                                                            "{tmp}/link", *FOLDER_QUICK, "--out", "{tmp}/new"],
+             setup=then(pictures(), lambda tmp: (tmp / "link").symlink_to(tmp / "outside")), expect="ran", **folder),
+        Case("folders", "numbered classes: --classes 2 is the class named 2", train[:-2] + ["--classes", "2", "--out",
+                                                                                          "{tmp}/new"],
+             setup=numbered, expect="ran", **folder),
+        Case("folders", "--classes a Unicode digit", train[:-2] + ["--classes", "\u00b2", "--out", "{tmp}/new"],
+             setup=numbered, **folder),
+        Case("folders", "--classes a class that is not there", train[:-2] + ["--classes", "bird", "--out",
+                                                                             "{tmp}/new"], setup=pictures(), **folder),
+        Case("folders", "--conditional on a flat folder", train + ["--conditional"], setup=pictures(classes=()),
+             **folder),
+        Case("folders", "--conditional --limit leaving a class without a picture", train + ["--conditional", "--limit",
+                                                                                             "8"],
+             setup=then(pictures(), pictures(classes=("zebra",), count=1, start=200)), **folder),
+        Case("folders", "a class of one picture is not scored", train[:-2] + ["--eval-every", "1", "--out",
+                                                                              "{tmp}/new"],
+             setup=then(pictures(), pictures(classes=("zebra",), count=1, start=200)), expect="ran", **folder),
+        Case("folders", "--batch-size larger than the folder", train + ["--batch-size", "100"], setup=pictures(),
+             **folder),
+        Case("folders", "--limit larger than the folder", train + ["--limit", "1000"], setup=pictures(), expect="ran",
+             **folder),
+        Case("folders", "GAN_MNIST_CACHE a file", train, setup=then(pictures(), lambda tmp: (tmp / "a-file").write_text(
+            "x")), env={"GAN_MNIST_CACHE": "{tmp}/a-file"}, run=None, expect="ran"),
+        Case("folders", "a dead writer's temporary in the cache", train, setup=then(pictures(), dead_temporary),
+             expect="ran", **folder),
+        Case("folders", "a damaged decoded cache", train, setup=then(pictures(), damaged_cache), expect="ran",
+             **folder),
+        Case("folders", "--out inside the picture folder", train[:-2] + ["--out", "{tmp}/outside/run"],
+             setup=pictures(), **folder),
+    ]
+
+
+def edited(script, name, value=None, replace_text=None):
+    """setup: a copy of `script` in {tmp} with its constant NAME = value (its line dropped for None), or with
+    `replace_text` (old, new) replaced: as a user edits the top of a script."""
+    def setup(tmp):
+        lines = []
+        for line in (REPO / script).read_text().splitlines():
+            if replace_text and replace_text[0] in line:
+                line = line.replace(*replace_text)
+            elif not replace_text and line.startswith(f"{name} = "):
+                if value is None:
+                    continue
+                line = f"{name} = {value}  # edited"
+            lines.append(line)
+        (tmp / script).write_text("\n".join(lines) + "\n")
+    return setup
+
+
+def constant_cases():
+    """Issue 41, 5 and 6: the constants at the top of the scripts, edited as the README invites."""
+    quick = ["--limit", "64", "--batch-size", "32", "--eval-every", "0"]
+    path = {"PYTHONPATH": str(REPO)}
+    cases = []
+    for script, name, value in [
+        ("gan_mnist.py", "LR", '"fast"'), ("gan_mnist.py", "LR", None), ("gan_mnist.py", "EPOCHS", "2.5"),
+        ("gan_mnist.py", "EPOCHS", "0"), ("gan_mnist.py", "EPOCHS", "-1"), ("gan_mnist.py", "BATCH_SIZE", '"64"'),
+        ("gan_mnist.py", "SEED", "-1"), ("gan_mnist.py", "SEED", "1.5"), ("gan_mnist.py", "CONDITIONAL", '"yes"'),
+        ("gan_mnist.py", "CONDITIONAL", "1"), ("gan_mnist.py", "DATASET", '"imagenet"'),
+        ("gan_mnist.py", "DATASET", "None"), ("gan_mnist.py", "CLASSES", '"zebra"'), ("gan_mnist.py", "CLASSES", "3"),
+        ("gan_mnist.py", "LOSS", '"wasserstein"'), ("gan_mnist.py", "R1", "-1"), ("gan_mnist.py", "EMA", "1.0"),
+        ("gan_mnist.py", "DROPOUT", None), ("gan_mnist.py", "LEAKY_SLOPE", '"0.2"'), ("gan_mnist.py", "SAMPLE_GRID", "0"),
+        ("gan_mnist.py", "EVAL_EVERY", "-1"), ("gan_mnist.py", "AUGMENT", '"blur"'), ("gan_mnist.py", "LIMIT", "-5"),
+        ("gan_mnist.py", "LATENT_DIM", "[100]"), ("dcgan_mnist.py", "ARCH", '"48"'), ("dcgan_mnist.py", "ARCH", "28"),
+        ("dcgan_mnist.py", "BN_MOMENTUM", None), ("dcgan_mnist.py", "G_STEPS", "0"), ("dcgan_mnist.py", "LR", None),
+    ]:
+        shown = "deleted" if value is None else f"= {value}"
+        cases.append(Case("constants", f"{script} {name} {shown}", ["{tmp}/" + script, "--out", "{tmp}/new"],
+                          setup=edited(script, name, value), env=path, run=None))
+    cases += [
+        Case("constants", "gan_mnist.py EPOCHS = 2.0 (a whole float)", ["{tmp}/gan_mnist.py", *quick, "--out",
+                                                                        "{tmp}/new"],
+             setup=edited("gan_mnist.py", "EPOCHS", "2.0"), env=path, run=None, expect="ran"),
+        Case("constants", "dcgan_mnist.py PRESETS['28'] lr = 'fast'", ["{tmp}/dcgan_mnist.py", "--out", "{tmp}/new"],
+             setup=edited("dcgan_mnist.py", None, replace_text=("lr=1e-3,", 'lr="fast",')), env=path, run=None),
+        Case("constants", "dcgan_mnist.py PRESETS['28'] batch_size = 64.0", ["{tmp}/dcgan_mnist.py", *quick[:2],
+                                                                              "--epochs", "1", "--eval-every", "0",
+                                                                              "--out", "{tmp}/new"],
+             setup=edited("dcgan_mnist.py", None, replace_text=("batch_size=64, latent_dim=100, kernel_size=5",
+                                                                "batch_size=64.0, latent_dim=100, kernel_size=5")),
+             env=path, run=None, expect="ran"),
+        Case("constants", "--resume after LR was edited", ["{tmp}/gan_mnist.py", "--resume", "--epochs", "2", "--out",
+                                                           "{run}"],
+             setup=edited("gan_mnist.py", "LR", "5e-4"), env=path),
+        Case("constants", "--resume after EMA was edited (DCGAN)", ["{tmp}/dcgan_mnist.py", "--resume", "--epochs",
+                                                                    "2", "--out", "{run}"],
+             setup=edited("dcgan_mnist.py", "EMA", "0.9"), env=path, run="dcgan"),
+        Case("constants", "--resume after EPOCHS was edited (taken)", ["{tmp}/gan_mnist.py", "--resume", "--out",
+                                                                       "{run}"],
+             setup=edited("gan_mnist.py", "EPOCHS", "2"), env=path, expect="ran", keep=False),
+    ]
+    return cases
+
+
 # ------------------------------------------------------------------------------------------------
 # Running them
 # ------------------------------------------------------------------------------------------------
@@ -521,7 +732,8 @@ def outcome(case, result, detail, started):
 
 
 def all_cases():
-    return flag_cases() + environment_cases() + mnist_file_cases() + run_file_cases() + location_cases() + signal_cases()
+    return (flag_cases() + environment_cases() + mnist_file_cases() + run_file_cases() + location_cases()
+            + signal_cases() + folder_cases() + constant_cases())
 
 
 def main():
@@ -562,7 +774,7 @@ def main():
     sys.exit(0 if all(r["outcome"] in GOOD for r in results) else 1)
 
 
-MNIST = TRAINED = None
+MNIST = TRAINED = MNIST_IMAGES = None
 
 if __name__ == "__main__":
     main()

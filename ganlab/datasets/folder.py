@@ -19,6 +19,7 @@ file list, sizes and modification times and on the target size; a changed folder
 one another process is still writing is never read as good.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,11 +75,22 @@ def probe(directory):
                         f"with a subfolder per class or none)")
     class_dirs = sorted(p for p in _entries(root) if p.is_dir())
     class_names = tuple(p.name for p in class_dirs)
-    listed = []  # (relative path, label, stat)
+    listed, owner = [], {}  # (relative path, label, stat); each real file's class
     for label, folder in enumerate(class_dirs or [root]):
         seen = {root.resolve()} if class_dirs else set()
         for path in (_images_under(folder, seen) if class_dirs else _images_in(root)):
+            real = path.resolve()
+            if real in owner and owner[real] != label:  # Issue 41, 7: one picture under two labels.
+                raise DataError(f"{root}: {real} is both in {class_names[owner[real]]} and in {class_names[label]} "
+                                f"(a link between class folders?); a picture belongs to one class")
+            owner[real] = label
             listed.append((path.relative_to(root), label, path.stat()))
+    loose = _images_in(root) if class_dirs else []
+    if loose:  # Issue 41, 7: ImageFolder's rule would drop them in silence.
+        in_classes = len(listed)
+        raise DataError(f"{root}: {len(loose)} pictures at its top and {in_classes} in its {len(class_dirs)} "
+                        f"subfolder{'s' if len(class_dirs) > 1 else ''}; subfolders are classes, so move the top's "
+                        f"pictures into one (or the subfolders out) to say which you mean")
     key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), [
         (str(rel), label, stat.st_size, stat.st_mtime_ns) for rel, label, stat in listed]]).encode()).hexdigest()[:24]
     headers = _cached_headers(root, listed, key)
@@ -241,7 +253,8 @@ def load(folder, side, channels, limit=0):
     (utils.load_dataset first checks that they fit in memory.)
     """
     count = min(limit, len(folder.files)) if limit else len(folder.files)
-    path = cache_dir() / "folders" / f"{folder.key}-{side}x{channels}-{count}.npz"
+    spread = "-spread" if count < len(folder.files) else ""  # --limit's pictures, from every class (spread_order).
+    path = cache_dir() / "folders" / f"{folder.key}-{side}x{channels}-{count}{spread}.npz"
     cached = _read_cache(path, count, side, channels)
     if cached is None:
         stale = [p for p in (cache_dir() / "folders").glob("*.npz")
@@ -261,23 +274,43 @@ def load(folder, side, channels, limit=0):
     return images, labels
 
 
+def spread_order(labels):
+    """The order in which --limit takes a folder's pictures: every class in proportion to its size (issue 41, 8).
+
+    A picture's key is its place within its class as a fraction of the class, (rank + 1/2) / size;
+    the first N pictures by key hold each class's share of N to within one picture.
+    """
+    labels = np.asarray(labels)
+    keys = np.zeros(len(labels))
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        keys[where] = (np.arange(len(where)) + 0.5) / len(where)
+    return np.argsort(keys, kind="stable")
+
+
 def _decode_all(folder, side, channels, count):
+    """The first `count` usable images in `spread_order` (all of them: the folder's order), kept in the folder's
+    order: class by class."""
     images = np.empty((count, side, side, channels), np.uint8)
     labels = np.empty((count,), np.int32)
+    places = np.empty((count,), np.int64)
     skipped, kept = [], 0
     start = time.perf_counter()
-    for index, (rel, label) in enumerate(zip(folder.files, folder.labels)):
+    order = spread_order(folder.labels) if count < len(folder.files) else range(len(folder.files))
+    for done, index in enumerate(order):
         if kept == count:
             break
+        rel = folder.files[index]
         try:
             images[kept] = decode(folder.root / rel, side, channels)
         except Skip as skip:
             skipped.append((str(rel), str(skip)))
             continue
-        labels[kept] = label
+        labels[kept], places[kept] = folder.labels[index], index
         kept += 1
-        _progress("decoding", index + 1, len(folder.files), start)
-    return {"images": images[:kept], "labels": labels[:kept], "skipped": json.dumps(skipped)}
+        _progress("decoding", done + 1, len(folder.files), start)
+    in_order = np.argsort(places[:kept], kind="stable")
+    return {"images": images[:kept][in_order], "labels": labels[:kept][in_order], "skipped": json.dumps(skipped)}
 
 
 def _read_cache(path, count, side, channels):
@@ -310,6 +343,7 @@ def _write_atomically(path, write):
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(path.parent)
         with open(temporary, "wb") as handle:
             write(handle)
         os.replace(temporary, path)
@@ -317,7 +351,20 @@ def _write_atomically(path, write):
         print(f"{path.parent}: cannot cache the decoded folder ({error.strerror or error}); it is decoded "
               f"again at the next start")
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # A cache on a read-only disk, or under a file, has none to remove.
+            temporary.unlink(missing_ok=True)
+
+
+def _remove_dead_temporaries(directory):
+    """Remove the cache's temporaries (`.NAME.tmp-PID`) whose process is dead: a kill -9 mid-write left them,
+    as large as a decoded set; a live process's stay."""
+    for leftover in directory.glob(".*.tmp-*"):
+        try:
+            os.kill(int(leftover.name.rsplit(".tmp-", 1)[1]), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            continue
 
 
 def _describe_skips(skipped, total):

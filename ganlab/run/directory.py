@@ -51,6 +51,18 @@ def check_flags(config):
         raise UsageError("argument --resume: not allowed with --overwrite")
     if config.out is not None and not config.out.strip():
         raise UsageError("argument --out: empty; name a run directory (default: results/<script>)")
+    try:
+        (config.out or "").encode("utf-8")
+    except UnicodeEncodeError:  # Issue 41, 10: bytes that are no UTF-8, kept by Python as surrogates.
+        shown = os.fsencode(config.out).decode("utf-8", "backslashreplace")
+        raise UsageError(f"argument --out: {shown} is not a UTF-8 name, which the run's files and messages "
+                         f"need; choose another") from None
+    if config.out and config.dataset == "folder" and config.data_dir and not (config.generate or config.interpolate or
+                                                                              config.evaluate):
+        pictures, out = Path(config.data_dir).expanduser().resolve(), Path(config.out).expanduser().resolve()
+        if out == pictures or pictures in out.parents:  # Its grids would join the pictures it trains on.
+            raise UsageError(f"argument --out: {config.out} is inside --data-dir {config.data_dir}, the folder of "
+                             f"pictures the run reads, which it never writes into; choose a directory outside it")
 
 
 def default_out(out, script, data_dir=None):

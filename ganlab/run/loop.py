@@ -285,7 +285,7 @@ def write_run_start(config, run, images, transform, history):
     """config.json (the resolved configuration, marked as this project's) and real_samples.png, before
     the first step; a resumed run rewrites them (with the learning rates it changed to)."""
     utils.save_json(run.config, {"format": run_directory.FORMAT} | resolved_config(config) | {
-        "transform": transform, "image_shape": list(images.shape[1:]), "training_images": len(images),
+        "data_source": utils.data_source(config), "transform": transform, "image_shape": list(images.shape[1:]), "training_images": len(images),
         "tensorflow": tf.__version__, "lr_changes": history.get("lr_changes", [])})
     # Spread over the whole set, which a folder holds class by class: every class, as the model sees them.
     shown = np.linspace(0, len(images) - 1, min(config.sample_grid ** 2, len(images))).round().astype(int)
@@ -299,7 +299,8 @@ def resolved_config(config):
                     num_samples=config.num_samples, precision=config.precision, xla=config.xla,
                     steps_per_call=config.steps_per_call, checkpoint_minutes=config.checkpoint_minutes,
                     deterministic=config.deterministic, data_shape=list(config.data_shape),
-                    class_names=list(config.class_names))
+                    class_names=list(config.class_names),
+                    constants=dict(config.constants))  # As the script's top held them: --resume sees an edit.
     return resolved
 
 

@@ -283,9 +283,10 @@ class EpochOutputs:
             final = self.history["evaluations"][-1]
             utils.save_json(run.metrics, {"epoch": final["epoch"], "figures": final, "real_data_floor": evaluator.floor,
                                           "classifier_test_accuracy": evaluator.test_accuracy,
+                                          "classifier_test_images": evaluator.test_count,
                                           "real_data_classes": evaluator.reference_histogram})
             print(f"Sample quality after epoch {final['epoch']} ({final['samples']} samples; {config.dataset} "
-                  f"classifier test accuracy {evaluator.test_accuracy:.4f}; written to {run.metrics.name}):\n"
+                  f"classifier test accuracy {evaluator.accuracy_text()}; written to {run.metrics.name}):\n"
                   f"{evaluation.format_figures(final, evaluator.floor)}")
 
 

@@ -213,9 +213,14 @@ class Evaluator:
         self.reference_cov = reference_cov
         self.floor = floor
         self.test_accuracy = test_accuracy
+        self.test_count = None  # The held-out images `test_accuracy` is measured on (`load_or_train` sets it).
         feature_layer = classifier.get_layer("features")
         self._features_and_logits = keras.Model(classifier.inputs, [feature_layer.output, classifier.outputs[0]])
         self._predict = tf.function(lambda x: self._features_and_logits(x, training=False), reduce_retracing=True)
+
+    def accuracy_text(self):
+        """Its classifier's test accuracy with the count it was measured on: "0.9936 on 10,000 held-out images"."""
+        return f"{self.test_accuracy:.4f}" + (f" on {self.test_count:,} held-out images" if self.test_count else "")
 
     def features_and_probabilities(self, images, batch_size=500):
         """Penultimate features (N, 128, float64) and class probabilities (N, 10) of uint8 images."""
@@ -302,6 +307,7 @@ class Evaluator:
             evaluator.classes = sorted(classes)
             evaluator._set_reference(train_images[np.isin(train_labels, classes)],
                                      test_images[np.isin(test_labels, classes)])
+        evaluator.test_count = len(test_images)
         return evaluator
 
     @classmethod
@@ -376,7 +382,7 @@ def mode_coverage(probabilities, classes=None):
 def format_figures(figures, floor=None):
     """One line per figure, with the real-data floor beside it when given."""
     names = {"fid": "Frechet distance (classifier features, lower is better)",
-             "inception_score": "Inception Score (of 10)",
+             "inception_score": f"Inception Score (at most {figures.get('classes', CLASSES)})",
              "classes_covered": "classes covered",
              "label_kl": "label KL from uniform (nats)",
              "confidence": "mean top-class confidence"}

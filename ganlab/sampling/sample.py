@@ -35,9 +35,10 @@ def add_flags(parser):
     sampling.add_argument("--samples-npz", metavar="FILE", default=None,
                           help="with --generate: also write the samples as uint8 (N, 28, 28), or (N, 32, 32, 3) for "
                                "CIFAR-10, under the key 'images'")
-    sampling.add_argument("--label", metavar="L", type=int, default=None,
-                          help="with --generate or --interpolate on a conditional run: draw class L only "
-                               "(default: every class in turn)")
+    sampling.add_argument("--label", metavar="L", default=None,
+                          help="with --generate or --interpolate on a conditional run: draw class L only, by name "
+                               "or index; a name is that class, an index counts only where no class has that "
+                               "name (default: every class in turn)")
     sampling.add_argument("--interpolate", action="store_true",
                           help="do not train: write interpolation.gif, a walk through the run's latent space "
                                "(and, for a conditional run, a morph through its classes)")
@@ -128,6 +129,10 @@ def load_trained_generator(run, writes=None):
         generator = keras.saving.load_model(run.generator, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged archive.
         raise DataError(f"{run.generator}: cannot load the generator ({type(error).__name__}: {error})") from None
+    problem = _not_the_runs(generator, saved)  # Issue 41, 10: another script's or architecture's, copied in.
+    if problem:
+        raise DataError(f"{run.generator}: not this run's generator ({problem}); restore the run's own, or train "
+                        f"again")
     if writes:
         check_writable(run.path, writes)
     saved.setdefault("transform", "none")
@@ -138,6 +143,19 @@ def load_trained_generator(run, writes=None):
         saved.setdefault("class_names", list(utils.DATASETS[saved["dataset"]].classes))
         saved.setdefault("data_shape", list(utils.DATASETS[saved["dataset"]].shape))
     return generator, SimpleNamespace(**saved)
+
+
+def _not_the_runs(generator, saved):
+    """What makes `generator` another run's than the one config.json (`saved`) describes, or None: its noise
+    input or its picture's shape."""
+    inputs = generator.inputs if isinstance(generator.inputs, list) else [generator.inputs]
+    latent, output = inputs[0].shape[-1], tuple(generator.outputs[0].shape[1:])
+    if saved.get("latent_dim") is not None and latent != saved["latent_dim"]:
+        return f"it takes noise of {latent}, the run's config.json says {saved['latent_dim']}"
+    side = (saved.get("data_shape") or [None])[0]  # The pictures' side, which a model drawing them as is draws.
+    if side and saved.get("transform", "none") == "none" and output[:2] != (side, side):
+        return f"it draws {'x'.join(map(str, output))} pictures, the run's are {side}x{side}"
+    return None
 
 
 def _latent_dim(generator):
@@ -170,17 +188,40 @@ def check_cache_dir():
                         f"set GAN_MNIST_CACHE to a writable directory") from None
 
 
+def held_out_split(labels):
+    """Which of a folder's pictures its classifier is checked on and the samples compared with: every tenth of
+    each class, and at least one of each (issue 41, 9), as a boolean mask."""
+    held_out = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        held_out[where[9::10] if len(where) >= 10 else where[-1:]] = True
+    return held_out
+
+
+def too_small_to_score(class_names, class_sizes, classes):
+    """Why a folder's classes in play cannot be scored (a class of fewer than two pictures: one to train its
+    classifier on, one held out), or None."""
+    small = [f"{class_names[c]} ({utils.counted(int(class_sizes[c]), 'picture')})" for c in classes
+             if class_sizes[c] < 2]
+    return (f"class {', '.join(small)} is too small: the folder's classifier needs two pictures of each class, "
+            f"one to learn from and one held out") if small else None
+
+
 def load_evaluator(config):
     """The sample-quality evaluator for `config`'s dataset and --classes (the settings, or a trained run's):
     its classifier is trained once per dataset (minutes) and cached. A folder has no test split: its
-    classifier trains on nine tenths of it, and the held-out tenth (every tenth image) is the
+    classifier trains on nine tenths of it, and the held-out tenth (`held_out_split`) is the
     reference the samples are compared with."""
     check_cache_dir()  # Before minutes of loading and training, not after them.
     whole = SimpleNamespace(dataset=config.dataset, data_dir=config.data_dir, classes="", limit=0,
                             class_names=config.class_names, data_shape=config.data_shape)
     if config.dataset == "folder":
         images, labels = utils.load_dataset(whole, "train")
-        held_out = np.arange(len(images)) % 10 == 9
+        too_small = too_small_to_score(config.class_names, np.bincount(labels, minlength=len(config.class_names)),
+                                       utils.classes_in_play(config))
+        if too_small:
+            raise DataError(f"{config.data_dir}: cannot score the run: {too_small}")
+        held_out = held_out_split(labels)
         train_images, train_labels, test_images, test_labels = (images[~held_out], labels[~held_out],
                                                                 images[held_out], labels[held_out])
     else:
@@ -234,9 +275,10 @@ def evaluate_run(config, run):
     evaluator = load_evaluator(SimpleNamespace(**vars(saved) | {"data_dir": config.data_dir or saved.data_dir}))
     figures = evaluate_generator(evaluator, generator, config.num_samples, config.seed, saved.transform, saved)
     utils.save_json(run.evaluation, {"figures": figures, "real_data_floor": evaluator.floor,
-                               "classifier_test_accuracy": evaluator.test_accuracy})
+                               "classifier_test_accuracy": evaluator.test_accuracy,
+                               "classifier_test_images": evaluator.test_count})
     print(f"Sample quality of {run.generator} ({figures['samples']} samples, seed {config.seed}; "
-          f"{saved.dataset} classifier test accuracy {evaluator.test_accuracy:.4f}; {figures['seconds']:.1f} s):")
+          f"{saved.dataset} classifier test accuracy {evaluator.accuracy_text()}; {figures['seconds']:.1f} s):")
     print(evaluation.format_figures(figures, evaluator.floor))
     print(f"Wrote {run.evaluation}")
     return figures
@@ -251,10 +293,16 @@ def _requested_labels(config, saved, count, start=0):
         raise UsageError("argument --label: this run is not conditional (trained without --conditional), "
                          "so it cannot be asked for a class")
     classes = utils.classes_in_play(saved)
-    if config.label not in classes:
+    names = list(saved.class_names) or [str(c) for c in classes]
+    try:  # A name first, then an index (issue 41, 2), as --classes reads them.
+        (label,) = utils.parse_classes(config.label, saved.class_names, saved.dataset) if "," not in config.label \
+            else (None, None)
+    except (UsageError, ValueError):
+        label = None
+    if label not in classes:
         raise UsageError(f"argument --label: {config.label} is not a class this run was trained on "
-                         f"({', '.join(map(str, classes))})")
-    return np.full(count, config.label, np.int32)
+                         f"({', '.join(names[c] if names[c] == str(c) else f'{c} {names[c]}' for c in classes)})")
+    return np.full(count, label, np.int32)
 
 
 def interpolate(config, run, frames=48, points=4):

@@ -1,13 +1,17 @@
 """Configuration: constants as flags, preset defaults, and one-line refusals of bad input."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import dcgan_mnist
 import gan_mnist
-from conftest import parse, run_script
-from ganlab import errors
+from conftest import REPO, parse, run_script
+from ganlab import configurator, errors
 
 
 def test_defaults_come_from_the_constants_at_the_top():
@@ -108,3 +112,72 @@ def test_batch_larger_than_the_data_is_refused_after_loading(tmp_path, mnist_dir
     assert exit_status.value.code == 2
     assert "--batch-size: 70000 is larger than the 60000 training images" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _edited_script(tmp_path, module, name, value=None):
+    """A copy of `module`'s script in tmp_path with the constant `name` set to `value` (its line dropped when
+    `value` is None), and the namespace its import would give: as a user's edit of the script's top."""
+    lines = []
+    for line in Path(module.__file__).read_text().splitlines():
+        if re.match(rf"{name} = ", line):
+            if value is None:
+                continue
+            line = f"{name} = {value}  # edited"
+        lines.append(line)
+    script = tmp_path / Path(module.__file__).name
+    script.write_text("\n".join(lines) + "\n")
+    namespace = dict(vars(module))
+    if value is None:
+        namespace.pop(name)
+    else:
+        namespace[name] = eval(value)
+    return script, namespace
+
+
+def _parse_edited(tmp_path, module, name, value=None, argv=()):
+    script, namespace = _edited_script(tmp_path, module, name, value)
+    return configurator.parse(str(script), namespace, list(argv), presets=namespace.get("PRESETS"),
+                              auto_preset=namespace.get("default_arch"))
+
+
+@pytest.mark.parametrize("module, name, value, message", [
+    (gan_mnist, "LR", '"fast"', "gan_mnist.py: LR = 'fast' at the top of the script: must be a number"),
+    (gan_mnist, "LR", None, "gan_mnist.py: the constant LR is missing from the top of the script"),
+    (dcgan_mnist, "LR", None, "dcgan_mnist.py: the constant LR is missing from the top of the script"),
+    (dcgan_mnist, "BN_MOMENTUM", None, "dcgan_mnist.py: the constant BN_MOMENTUM is missing"),  # The script's own.
+    (gan_mnist, "EPOCHS", "20.5", "gan_mnist.py: EPOCHS = 20.5 at the top of the script: must be a whole number"),
+    (gan_mnist, "EPOCHS", "0", "gan_mnist.py: EPOCHS = 0 at the top of the script: must be a positive integer"),
+    (gan_mnist, "CONDITIONAL", '"yes"', "gan_mnist.py: CONDITIONAL = 'yes' at the top of the script: must be True"),
+    (dcgan_mnist, "DATASET", '"imagenet"', "dcgan_mnist.py: DATASET = 'imagenet' at the top of the script: must be "
+                                           "mnist, fashion_mnist, cifar10 or folder"),
+    (dcgan_mnist, "CLASSES", '"zebra"', "dcgan_mnist.py: CLASSES = 'zebra' at the top of the script:"),
+])
+def test_an_edited_constant_is_refused_in_one_line_naming_it(tmp_path, module, name, value, message):
+    """Issue 41, 5: a TypeError, an AttributeError after TensorFlow had started, or "argument --epochs" before."""
+    with pytest.raises(errors.UsageError) as refused:
+        _parse_edited(tmp_path, module, name, value)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value), str(refused.value)
+    assert "argument --" not in str(refused.value)
+
+
+def test_an_edited_constant_given_as_a_flag_is_the_flags_and_a_whole_float_is_an_integer(tmp_path):
+    values = _parse_edited(tmp_path, gan_mnist, "EPOCHS", "20.0")
+    assert values["epochs"] == 20 and type(values["epochs"]) is int
+    with pytest.raises(errors.UsageError, match="^argument --epochs: must be a positive integer, got 0"):
+        _parse_edited(tmp_path, gan_mnist, "EPOCHS", "20", ["--epochs", "0"])  # The flag the user passed.
+
+
+def test_a_preset_entry_of_the_wrong_type_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(dcgan_mnist.PRESETS, "28", dict(dcgan_mnist.PRESETS["28"], lr="fast"))
+    with pytest.raises(errors.UsageError, match=r"^dcgan_mnist.py: PRESETS\['28'\]\['lr'\] = 'fast' .*must be a number"):
+        parse(dcgan_mnist)
+
+
+@pytest.mark.slow
+def test_an_edited_script_run_from_the_shell_exits_2_and_writes_nothing(tmp_path):
+    script, _ = _edited_script(tmp_path, gan_mnist, "LR", '"fast"')
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "gan_mnist.py: LR = 'fast' at the top of the script: must be a number" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gan_mnist.py"]  # No results/ directory.

@@ -13,7 +13,8 @@ from PIL import Image
 import dcgan_mnist
 import gan_mnist
 import utils
-from conftest import REPO, contents, fails, parsed
+from conftest import REPO, contents, fails, parse, parsed
+from ganlab import errors
 from ganlab.datasets import cifar10, folder
 
 QUICK = ["--epochs", "1", "--batch-size", "32", "--eval-every", "0"]
@@ -287,3 +288,133 @@ def test_the_chance_rule_is_the_lower_end_of_a_95_percent_interval():
     assert evaluation.no_better_than_chance(0.9, 50, 2) is None
     assert evaluation.no_better_than_chance(0.5, 400, 3) is None  # Chance is a third.
     assert evaluation.no_better_than_chance(1.0, 3, 2) is not None  # Three pictures prove little.
+
+
+@pytest.mark.parametrize("blocked", ["a file", "read-only"])
+def test_a_cache_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, mnist_train, monkeypatch, capsys,
+                                                                        blocked):
+    """Issue 41, 3: the temporary's removal raised where the cache cannot be written, stopping the run."""
+    cache = tmp_path / "cache-place"
+    if blocked == "a file":
+        cache.write_text("not a directory")
+    else:
+        cache.mkdir()
+        cache.chmod(0o500)
+        if os.access(cache, os.W_OK):  # Root writes anyway: a file in its way stands for it.
+            cache.chmod(0o700)
+            cache.rmdir()
+            cache.write_text("not a directory")
+    monkeypatch.setattr(folder, "cache_dir", lambda: cache)
+    pictures = write_pngs(tmp_path / "digits", mnist_train[0][:64], mnist_train[1][:64] % 2, names=["a", "b"])
+    gan_mnist.main(["--dataset", "folder", "--data-dir", str(pictures), "--epochs", "1", "--batch-size", "32",
+                    "--eval-every", "0", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "cannot cache the decoded folder" in out and (tmp_path / "run" / "history.json").is_file()
+
+
+def test_a_killed_writers_temporary_in_the_cache_is_removed_at_the_next_write(tmp_path, mnist_train):
+    """Issue 41, 4: a kill -9 while the decoded set was cached left its temporary for ever."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = tmp_path / "cache" / "folders"  # own_cache's
+    cache.mkdir(parents=True)
+    leftover = cache / f".0123abcd-28x1-64.npz.tmp-{dead.pid}"
+    leftover.write_bytes(b"x" * 1000)
+    alive = cache / f".0123abcd-28x1-64.npz.tmp-{os.getpid()}"
+    alive.write_bytes(b"mine")
+    pictures = write_pngs(tmp_path / "digits", mnist_train[0][:64], mnist_train[1][:64] % 2, names=["a", "b"])
+    found = folder.probe(pictures)
+    folder.load(found, 28, 1)
+    assert not leftover.exists() and alive.exists()  # A live process's stays.
+
+
+def test_a_data_dir_of_pictures_without_dataset_folder_is_refused_and_untouched(tmp_path, mnist_train, capsys):
+    """Issue 41, 1: MNIST was downloaded into the user's picture folder, or trained on in its name."""
+    cats = write_pngs(tmp_path / "cats", mnist_train[0][:8])
+    before = contents(cats)
+    status, err = fails(gan_mnist, ["--data-dir", str(cats), "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"argument --data-dir: {cats} holds pictures, not mnist's files; to train on them, add --dataset folder" in err
+    assert contents(cats) == before and not (tmp_path / "run").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    status, err = fails(gan_mnist, ["--data-dir", str(tmp_path / "notes"), "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and "holds none of mnist's files and is not empty, so nothing is downloaded into it" in err
+
+
+def test_pictures_both_at_the_top_and_in_subfolders_or_under_two_classes_are_refused(tmp_path, mnist_train, capsys):
+    """Issue 41, 7: 300 pictures at the top and 2 in rejects/ trained on the 2; a linked class doubled pictures."""
+    mixed = write_pngs(tmp_path / "mixed", mnist_train[0][:30])
+    write_pngs(mixed / "rejects", mnist_train[0][30:32])
+    with pytest.raises(errors.DataError, match=r"30 pictures at its top and 2 in its 1 subfolder; subfolders are "
+                                                r"classes"):
+        folder.probe(mixed)
+    linked = write_pngs(tmp_path / "linked", mnist_train[0][:20], mnist_train[1][:20] % 2, names=["a", "b"])
+    (linked / "c").symlink_to(linked / "a", target_is_directory=True)
+    with pytest.raises(errors.DataError, match="is both in a and in c"):
+        folder.probe(linked)
+
+
+def test_limit_takes_every_class_in_proportion_and_a_conditional_run_needs_each(tmp_path, mnist_train, capsys):
+    """Issue 41, 8: --limit took the first pictures in class order, so a class could train on none."""
+    images, labels = mnist_train
+    order = np.argsort(labels, kind="stable")
+    sizes = {0: 30, 1: 30, 2: 1}
+    chosen = np.concatenate([order[labels[order] == c][:n] for c, n in sizes.items()])
+    root = write_pngs(tmp_path / "pictures", images[chosen], labels[chosen], names=["a", "b", "c"])
+    config = parse(gan_mnist, "--dataset", "folder", "--data-dir", str(root), "--limit", "30", "--classes", "a,b",
+                   "--batch-size", "10")
+    _, kept = utils.load_dataset(config, "train", 30)
+    assert np.bincount(kept).tolist() == [15, 15]  # Not the first 30: all of a.
+    _, kept = utils.load_dataset(parse(gan_mnist, "--dataset", "folder", "--data-dir", str(root)), "train", 31)
+    assert np.bincount(kept).tolist() == [15, 15, 1]  # c's one picture sits mid-way through the spread order.
+    status, error = fails(gan_mnist, ["--dataset", "folder", "--data-dir", str(root), "--conditional", "--limit", "20",
+                                      "--batch-size", "10", "--eval-every", "0", "--out", str(tmp_path / "run")], capsys)
+    assert status == 1 and error.count("\n") == 1, error
+    assert "no training image of class c among the 20 pictures of --limit 20" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_held_out_set_holds_every_class_and_a_class_too_small_is_not_scored(tmp_path, mnist_train, capsys):
+    """Issue 41, 9: classes of 1 to 3 pictures were scored, "accuracy 1.0000", "Inception Score (of 10)"."""
+    from ganlab.sampling import evaluation, sample
+
+    labels = np.array([0] * 25 + [1] * 3 + [2] * 12)
+    held_out = sample.held_out_split(labels)
+    assert np.bincount(labels[held_out]).tolist() == [2, 1, 1] and np.bincount(labels[~held_out]).tolist() == [23, 2, 11]
+    images, mnist_labels = mnist_train
+    order = np.argsort(mnist_labels, kind="stable")
+    chosen = np.concatenate([order[mnist_labels[order] == c][:n] for c, n in {0: 30, 1: 30, 2: 1}.items()])
+    root = write_pngs(tmp_path / "pictures", images[chosen], mnist_labels[chosen], names=["a", "b", "c"])
+    run_dir = tmp_path / "run"
+    gan_mnist.main(["--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--batch-size", "30",
+                    "--out", str(run_dir)])
+    out = capsys.readouterr().out
+    assert f"No evaluation: in {root}, class c (1 picture) is too small" in out and "Frechet" not in out
+    status, error = fails(gan_mnist, ["--out", str(run_dir), "--evaluate"], capsys)
+    assert status == 1 and error.count("\n") == 1 and "class c (1 picture) is too small" in error
+    figures = {"fid": 1.0, "inception_score": 1.9, "classes_covered": 2, "classes": 3, "label_kl": 0.1,
+               "confidence": 0.9}
+    assert "Inception Score (at most 3)" in evaluation.format_figures(figures)
+
+
+def test_label_is_a_class_name_first_and_an_index_only_where_no_class_has_that_name():
+    """Issue 41, 2: --label read indices only, so on subfolders 0, 1, 10, 2 "--label 2" drew "10"."""
+    from types import SimpleNamespace
+
+    from ganlab.sampling import sample
+
+    saved = SimpleNamespace(conditional=True, classes="", class_names=("0", "1", "10", "2"), dataset="folder")
+    assert set(sample._requested_labels(SimpleNamespace(label="2"), saved, 3)) == {3}
+    assert set(sample._requested_labels(SimpleNamespace(label="10"), saved, 3)) == {2}
+    for label in ("4", "zebra", "1,2", "²"):
+        with pytest.raises(errors.UsageError, match=f"^argument --label: {label} is not a class this run was trained"):
+            sample._requested_labels(SimpleNamespace(label=label), saved, 3)
+
+
+def test_a_run_directory_inside_the_picture_folder_is_refused(tmp_path, mnist_train):
+    """Its grids would have joined the pictures (a class "run" at the next probe); found by the folders family."""
+    root = write_pngs(tmp_path / "pictures", mnist_train[0][:20], mnist_train[1][:20])
+    with pytest.raises(errors.UsageError, match=r"^argument --out: .*/pictures/runs/a is inside --data-dir"):
+        parse(gan_mnist, "--dataset", "folder", "--data-dir", str(root), "--out", str(root / "runs" / "a"))
+    parse(gan_mnist, "--dataset", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"))  # Beside it.

@@ -412,3 +412,15 @@ def test_a_cluster_of_gpus_talks_over_nccl_with_a_collective_timeout(monkeypatch
     options = asked["options"]
     assert options.implementation == tf.distribute.experimental.CommunicationImplementation.NCCL
     assert options.timeout_seconds == 150
+
+
+def test_cpu_devices_without_mirroring_say_so(capsys):
+    """Issue 41, 11: --cpu-devices 2 without --distribute mirrored was ignored in silence."""
+    from conftest import parsed
+    from ganlab import configurator
+
+    values = parsed(gan_mnist, "--cpu-devices", "1", "--distribute", "off")
+    capsys.readouterr()
+    configurator.with_devices(values)
+    assert "--cpu-devices 1: the CPU's logical devices serve --distribute mirrored only; this run trains on one " \
+           "device (--distribute off)" in capsys.readouterr().out

@@ -2,8 +2,11 @@
 damaged checkpoint goes on, a lower learning rate may resume, sizes that do not fit are one line."""
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import tensorflow as tf
 
 import dcgan_mnist
 import gan_mnist
-from conftest import QUICK, contents, fails, run_script
+from conftest import QUICK, REPO, contents, fails, run_script
 from ganlab import errors
 from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
@@ -308,3 +311,37 @@ def test_a_hand_edited_config_is_checked_as_its_flags_are(trained_run, tmp_path,
     assert status == 1 and error.count("\n") == 1, error
     assert f"{run_dir / 'config.json'}: {problem}" in error
     assert contents(run_dir) == before
+
+
+def test_an_out_name_that_is_not_utf8_is_one_line(tmp_path):
+    """Issue 41, 10: a UnicodeEncodeError traceback before."""
+    name = os.fsdecode(bytes(tmp_path) + b"/run-\xff")
+    result = subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--out", name], capture_output=True,
+                            timeout=900, cwd=REPO)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2 and err.count("\n") == 1, err
+    assert "argument --out:" in err and "run-\\xff is not a UTF-8 name" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_edited_constant_on_resume_is_taken_as_its_flag_would_be(trained_run, tmp_path, mnist_dir, monkeypatch,
+                                                                    capsys):
+    """Issue 41, 6: before, an edited LR was ignored on --resume without a word (exit 0, the old value kept)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["constants"]["lr"] == gan_mnist.LR and saved["constants"]["epochs"] == gan_mnist.EPOCHS
+    assert saved["data_source"] == str(Path(mnist_dir).resolve())  # Issue 41, 1: where the data came from.
+    before = contents(run_dir)
+    monkeypatch.setattr(gan_mnist, "EMA", 0.99)  # Refused, as --ema 0.99 would be.
+    status, error = fails(gan_mnist, ["--resume", "--epochs", "2", "--out", str(run_dir), "--data-dir", str(mnist_dir)],
+                          capsys)
+    assert status == 2 and error.count("\n") == 1, error
+    assert "EMA at the top of gan_mnist.py 0.99 (the run has 0.999)" in error
+    assert contents(run_dir) == before
+    monkeypatch.setattr(gan_mnist, "EMA", 0.999)
+    monkeypatch.setattr(gan_mnist, "EPOCHS", 2)  # Taken, as --epochs 2 would be, and said.
+    gan_mnist.main(["--resume", "--out", str(run_dir), "--data-dir", str(mnist_dir)])
+    assert "EPOCHS at the top of gan_mnist.py 2, edited since the run started: taken (the run had 1)" in \
+        capsys.readouterr().out
+    assert [e["epoch"] for e in history_of(run_dir)["epochs"]] == [1, 2]
