@@ -94,35 +94,52 @@ def training_flops(generator_flops, discriminator_flops, r1=False, g_steps=1):
     return d_update + g_steps * g_update
 
 
-def peak_side():
-    """The side of the peak's matmuls: 8192 on a GPU (2048 would leave a large GPU mostly idle), 2048 on the CPU."""
-    return 8192 if distribute.gpus() else 2048
+def peak_sides():
+    """The sides of the peak's square matmuls, the best of which is the peak, and the multiply-adds each
+    timed call does: 4096 and 8192 on a GPU (smaller ones leave a large GPU mostly idle), 1024 to
+    4096 on the CPU, whose best size varies with its caches and cores."""
+    return ((4096, 8192), 8 * 8192 ** 3) if distribute.gpus() else ((1024, 2048, 4096), 8 * 2048 ** 3)
 
 
-def matmul_peak(precision, repeats=8):
-    """Measured GFLOP/s of large square matmuls in `precision`'s compute type (TF32 as `speed.set_precision`
-    leaves it), best of three.
-
-    Timed on the device: each timed call chains `repeats` matmuls and returns one number, so the
-    clock waits for the device without copying the matrix to the host (`peak_side` sets the size).
-    """
-    size = peak_side()
-    dtype = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
-    a = tf.cast(tf.random.normal((size, size), dtype=tf.float32), dtype)
+def matmul_chain(matrix, count):
+    """A compiled function of x: x times `matrix`, `count` times, and nothing between the matmuls; it
+    returns one element, so that a call's clock waits for the device without copying a matrix."""
 
     @tf.function
-    def chain(x):
-        for _ in range(repeats):
-            x = tf.matmul(x, a) * tf.cast(1.0 / size, dtype)  # Scaled, so values stay finite.
+    def chained(x):
+        for _ in range(count):
+            x = tf.matmul(x, matrix)
         return x[0, 0]
 
-    float(chain(a))
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        float(chain(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 * repeats / best / 1e9
+    return chained
+
+
+def matmul_peak(precision, seconds=1.0):
+    """Measured GFLOP/s of large square matmuls in `precision`'s compute type (TF32 as `speed.set_precision`
+    leaves it): the best over `peak_sides`, each side's call timed as often as fits in `seconds`
+    (at least three times), its fastest call kept.
+
+    Timed on the device: each call chains matmuls and returns one number, so the clock waits for
+    the device without copying the matrix to the host. The matrix is scaled by 1/sqrt(side), so
+    the chain stays finite without an elementwise op between the matmuls: the peak is of matmuls
+    alone, which a training step, whose other ops only add time, should not pass.
+    """
+    dtype = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
+    sides, multiply_adds = peak_sides()
+    best_rate = 0.0
+    for side in sides:
+        chain = max(1, round(multiply_adds / side ** 3))
+        a = tf.cast(tf.random.normal((side, side), stddev=side ** -0.5, seed=0), dtype)
+        chained = matmul_chain(a, chain)
+        float(chained(a))  # Traced, and the first call's setup paid.
+        best, spent, calls = float("inf"), 0.0, 0
+        while calls < 3 or spent < seconds:
+            start = time.perf_counter()
+            float(chained(a))
+            elapsed = time.perf_counter() - start
+            best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
+        best_rate = max(best_rate, 2 * side ** 3 * chain / best / 1e9)
+    return best_rate
 
 
 def _reset_peak_memory():
@@ -241,8 +258,9 @@ def benchmark(config, data, build_training, min_seconds=6.0, alternations=3, str
             line += f" {result['device_mb']:>7.0f}"
         print(line)
     speedup = rows[0][2]["seconds"] / rows[1][2]["seconds"]
-    print(f"Speedup of the chosen settings ({config.precision}, XLA {'on' if config.xla else 'off'}, "
-          f"{config.steps_per_call} steps per call) over the plain fp32 step: {speedup:.2f}x")
+    per_call = f"{config.steps_per_call} step{'s' if config.steps_per_call != 1 else ''} per call"
+    print(f"Speedup of the chosen settings ({config.precision}, XLA {'on' if config.xla else 'off'}, {per_call}) "
+          f"over the plain fp32 step: {speedup:.2f}x")
     if replicas > 1:
         scaling = rows[-1][2]["seconds"] / rows[1][2]["seconds"]
         print(f"Scaling over {replicas} replicas ({distribute.describe(config)}) against one device: {scaling:.2f}x "

@@ -240,15 +240,18 @@ def test_a_resumed_run_that_diverges_at_once_says_its_checkpoint_diverged(traine
 
 @pytest.mark.slow
 def test_every_family_of_bad_input_ends_in_one_line(mnist_dir, tmp_path):
-    """tools/bad_inputs.py: over 150 cases (flags, environment, files read, locations written, signals)."""
+    """tools/bad_inputs.py: over 260 cases (flags, environment, files read, locations written, signals, folders
+    and their caches, edited constants)."""
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bad_inputs.py"), "--json", str(report)],
                             capture_output=True, text=True, timeout=3600, cwd=REPO, env=dict(os.environ,
                                                                                        MNIST_DIR=str(mnist_dir.resolve())))
     print(result.stdout[-6000:])
     results = json.loads(report.read_text())
-    assert len(results) >= 150
-    assert {r["family"] for r in results} == {"flags", "environment", "files read", "locations written", "signals"}
+    assert len(results) >= 260
+    assert {r["family"] for r in results} == {"flags", "environment", "files read", "locations written", "signals",
+                                              "folders", "constants"}
+    assert min(sum(r["family"] == family for r in results) for family in ("folders", "constants")) >= 25
     bad = [f"{r['case']}: {r['outcome']} ({r['detail']})" for r in results if r["outcome"] not in ("one line", "ran")]
     assert not bad, "\n".join(bad)
     assert result.returncode == 0

@@ -217,9 +217,9 @@ def test_deterministic_is_saved_and_kept_on_resume(tmp_path, mnist_dir):
 
 
 def test_the_benchmark_peak_is_sized_for_the_device_and_names_its_compute_type(monkeypatch, float32_policy_afterwards):
-    assert bench.peak_side() == 2048 and speed.compute_type("fp32") == "fp32"  # The CPU here.
+    assert bench.peak_sides()[0] == (1024, 2048, 4096) and speed.compute_type("fp32") == "fp32"  # The CPU here.
     fake_gpus(monkeypatch, 1)
-    assert bench.peak_side() == 8192
+    assert bench.peak_sides()[0] == (4096, 8192)
     tf.config.experimental.enable_tensor_float_32_execution(True)  # TensorFlow's default on a GPU:
     assert speed.compute_type("fp32") == "tf32"  # a float32 matmul is TF32 there, and the row says so.
     speed.set_precision("fp32")
@@ -240,3 +240,14 @@ def test_tensorboard_gets_one_point_per_call_and_the_history_every_step(tmp_path
                     points[event.step] = float(tf.make_ndarray(value.tensor))
     assert sorted(points) == [3, 4]
     assert points[3] == pytest.approx(np.mean(losses[:3]), rel=1e-6) and points[4] == pytest.approx(losses[3])
+
+
+def test_the_peak_times_matmuls_alone_so_no_training_step_can_pass_it():
+    """Issue 40, 6: the old peak scaled between its matmuls, an elementwise op a training step's matmuls
+    need not wait for; the chain now holds matmuls only (its matrix is scaled once, before)."""
+    matrix = tf.random.normal((64, 64), stddev=64 ** -0.5, seed=0)
+    chained = bench.matmul_chain(matrix, 3)
+    graph = chained.get_concrete_function(tf.TensorSpec((64, 64), tf.float32)).graph
+    kinds = [op.type for op in graph.get_operations() if op.type not in ("Placeholder", "Const", "Identity", "NoOp")]
+    assert kinds.count("MatMul") == 3 and set(kinds) == {"MatMul", "StridedSlice"}, kinds
+    assert abs(float(chained(matrix))) < 10  # Scaled by 1/sqrt(side), the chain stays finite.

@@ -186,3 +186,49 @@ def test_the_classifier_trains_the_same_way_anywhere_and_its_cache_says_how(tmp_
     trained = json.loads(next(tmp_path.glob("classifier-*/floor.json")).read_text())["trained"]
     assert trained["op_determinism"] is True and trained["tf32"] is False and trained["xla"] is False
     assert trained["device"] == "CPU" and trained["recipe"] == evaluation.RECIPE
+
+
+@pytest.mark.parametrize("dataset, least", [("mnist", 0.99), ("fashion_mnist", 0.90), ("cifar10", 0.65)])
+def test_the_shipped_classifiers_are_small_and_the_recipes(dataset, least):
+    """Each ships in half precision under 2 MB, recorded beside the recipe with its SHA-256 and test accuracy."""
+    path = evaluation.SHIPPED_DIR / f"{dataset}.npz"
+    entry = json.loads(evaluation.SHIPPED_INDEX.read_text())[dataset]
+    assert path.stat().st_size < 2_000_000 and entry["bytes"] == path.stat().st_size
+    assert entry["recipe"] == evaluation.RECIPE and entry["sha256"] == evaluation.sha256(path)
+    assert entry["test_accuracy"] >= least and abs(entry["test_accuracy"] - entry["test_accuracy_float32"]) < 0.002
+    with np.load(path) as stored:
+        assert {stored[name].dtype for name in stored.files} == {np.dtype(np.float16)}
+
+
+def test_the_shipped_mnist_classifier_reaches_its_recorded_accuracy(test_set):
+    model = evaluation.shipped_classifier("mnist", (28, 28, 1))
+    recorded = json.loads(evaluation.SHIPPED_INDEX.read_text())["mnist"]["test_accuracy"]
+    assert evaluation.accuracy(model, *test_set) == pytest.approx(recorded, abs=0.0011)
+
+
+def test_a_changed_shipped_classifier_is_refused_in_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "classifiers"
+    shutil.copytree(evaluation.SHIPPED_DIR, copy)
+    damaged = bytearray((copy / "mnist.npz").read_bytes())
+    damaged[-100] ^= 1
+    (copy / "mnist.npz").write_bytes(bytes(damaged))
+    monkeypatch.setattr(evaluation, "SHIPPED_DIR", copy)
+    monkeypatch.setattr(evaluation, "SHIPPED_INDEX", copy / "classifiers.json")
+    with pytest.raises(utils.DataError, match=r"mnist\.npz: not the classifier that classifiers\.json records .* "
+                                              r"tools/train_classifiers\.py"):
+        evaluation.shipped_classifier("mnist", (28, 28, 1))
+    assert evaluation.shipped_classifier("fashion_mnist", (28, 28, 1)) is not None  # The others are untouched.
+
+
+def test_a_first_evaluation_of_mnist_uses_the_shipped_classifier_without_training(tmp_path, test_set):
+    images, labels = test_set[0][:600], test_set[1][:600]
+    messages = []
+    with unittest.mock.patch.object(evaluation, "train_classifier", side_effect=AssertionError("trained")):
+        evaluator = evaluation.Evaluator.load_or_train(tmp_path, images, labels, test_set[0], test_set[1],
+                                                       log=messages.append, dataset="mnist")
+    assert messages == [] and evaluator.test_count == 10_000
+    assert evaluator.test_accuracy == json.loads(evaluation.SHIPPED_INDEX.read_text())["mnist"]["test_accuracy"]
+    saved = json.loads(next(tmp_path.glob("classifier-*/floor.json")).read_text())
+    assert saved["trained"] == "shipped"
