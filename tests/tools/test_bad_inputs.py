@@ -129,6 +129,7 @@ def test_generate_without_an_npz_draws_only_the_grid_and_refuses_an_npz_the_disk
     assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".all.tmp-*"))
 
 
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
 def test_sigterm_during_generate_leaves_no_temporary_and_a_dead_ones_is_removed(trained, tmp_path):
     run_dir = copy_of(trained, "gan", tmp_path)
     npz = tmp_path / "samples.npz"
@@ -190,6 +191,7 @@ def test_a_read_only_run_directory_is_one_line(read_only_run, mnist_dir, flags):
     assert contents(read_only_run) == before
 
 
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
 def test_a_full_disk_during_generate_is_one_line(trained, tmp_path):
     """The run on a 16 MB tmpfs with room for the npz but not also the grid (root only)."""
     disk = tmp_path / "disk"

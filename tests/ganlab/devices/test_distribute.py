@@ -19,6 +19,7 @@ import gan_mnist
 from conftest import REPO, as_from_a_terminal, run_script
 from ganlab import models
 from ganlab.devices import distribute
+from ganlab.errors import UsageError
 
 MIRRORED = ["--distribute", "mirrored", "--cpu-devices", "2"]
 
@@ -223,7 +224,7 @@ def test_a_killed_worker_and_its_chief_resume_together(tmp_path, mnist_dir):
     assert not list(temporary.glob("tf2-gan-*"))  # The killed worker's too, removed by its successor.
 
 
-@pytest.mark.parametrize("tf_config, problem", [
+MALFORMED_TF_CONFIGS = [
     ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
      'task index 2 is outside the cluster\'s 2 "worker" tasks (0 to 1)'),
     ('{"cluster": {"worker": "a:1,b:2"}, "task": {"type": "worker", "index": 0}}',
@@ -235,7 +236,19 @@ def test_a_killed_worker_and_its_chief_resume_together(tmp_path, mnist_dir):
      'task type "chief" is not in the cluster (worker)'),
     ('{"cluster": [1, 2]}', 'not a JSON object with a "cluster" of task lists'),
     ("{cluster", "not JSON"),
-])
+]
+
+
+@pytest.mark.parametrize("tf_config, problem", MALFORMED_TF_CONFIGS)
+def test_every_malformed_tf_config_is_named_with_its_problem(monkeypatch, tf_config, problem):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(UsageError) as raised:
+        distribute.cluster_tasks()
+    assert str(raised.value).startswith(f"environment variable TF_CONFIG: {problem}")
+
+
+@pytest.mark.parametrize("tf_config, problem", MALFORMED_TF_CONFIGS[:2] + [  # The script's own line; the rest slow.
+    pytest.param(*case, marks=pytest.mark.slow) for case in MALFORMED_TF_CONFIGS[2:]])
 def test_a_malformed_tf_config_is_one_line_naming_it(tmp_path, tf_config, problem):
     result = run_script("gan_mnist.py", "--out", str(tmp_path / "run"), env_extra={"TF_CONFIG": tf_config})
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]

@@ -56,8 +56,9 @@ def checkpoint_files(run_dir):
 
 @pytest.mark.parametrize("module, change, named", [
     (gan_mnist, ["--latent-dim", "64"], "--latent-dim 64 (the run has 100)"),
-    (dcgan_mnist, ["--arch", "32"], "--arch 32 (the run has 28)"),
-    (dcgan_mnist, ["--kernel-size", "3", "--lr", "2e-3"], "--kernel-size 3 (the run has 5); --lr 0.002"),
+    pytest.param(dcgan_mnist, ["--arch", "32"], "--arch 32 (the run has 28)", marks=pytest.mark.slow),
+    pytest.param(dcgan_mnist, ["--kernel-size", "3", "--lr", "2e-3"], "--kernel-size 3 (the run has 5); --lr 0.002",
+                 marks=pytest.mark.slow),
 ])
 def test_resume_with_other_settings_is_refused_and_the_checkpoint_untouched(tmp_path, mnist_dir, capsys,
                                                                             module, change, named):

@@ -94,7 +94,7 @@ def test_mismatched_shape_or_range_gets_a_clear_error(evaluator, images, message
 
 
 def test_classifier_training_is_deterministic(test_set):
-    images, labels = test_set[0][:1500], test_set[1][:1500]
+    images, labels = test_set[0][:512], test_set[1][:512]
     first, _ = evaluation.train_classifier(images, labels, images[:200], labels[:200], epochs=1)
     second, _ = evaluation.train_classifier(images, labels, images[:200], labels[:200], epochs=1)
     for a, b in zip(first.get_weights(), second.get_weights()):
@@ -139,7 +139,8 @@ def test_eval_every_0_turns_evaluation_off(tmp_path, mnist_dir):
 
 @pytest.mark.parametrize("damage", [
     lambda directory: (directory / "floor.json").write_text('{"floor": 3}'),
-    lambda directory: (directory / "classifier.keras").write_bytes((directory / "classifier.keras").read_bytes()[:500]),
+    pytest.param(lambda directory: (directory / "classifier.keras").write_bytes(
+        (directory / "classifier.keras").read_bytes()[:500]), marks=pytest.mark.slow),
 ])
 def test_a_damaged_classifier_cache_is_rebuilt_saying_so(tmp_path, test_set, damage):
     images, labels = test_set[0][:600], test_set[1][:600]
