@@ -138,7 +138,7 @@ def test_npz_holding_pickled_objects_is_not_unpickled(tmp_path):
         utils.load_mnist("train", tmp_path)
 
 
-@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine, so in the whole suite only.
 def test_corrupt_file_through_the_script_exits_1_with_one_line(tmp_path):
     write_mnist(tmp_path, count=6)
     corrupt(tmp_path, IMAGES, good_images()[:-10])

@@ -129,7 +129,7 @@ def test_generate_without_an_npz_draws_only_the_grid_and_refuses_an_npz_the_disk
     assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".all.tmp-*"))
 
 
-@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine, so in the whole suite only.
 def test_sigterm_during_generate_leaves_no_temporary_and_a_dead_ones_is_removed(trained, tmp_path):
     run_dir = copy_of(trained, "gan", tmp_path)
     npz = tmp_path / "samples.npz"
@@ -191,7 +191,7 @@ def test_a_read_only_run_directory_is_one_line(read_only_run, mnist_dir, flags):
     assert contents(read_only_run) == before
 
 
-@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine, so in the whole suite only.
 def test_a_full_disk_during_generate_is_one_line(trained, tmp_path):
     """The run on a 16 MB tmpfs with room for the npz but not also the grid (root only)."""
     disk = tmp_path / "disk"
@@ -246,7 +246,7 @@ def test_every_family_of_bad_input_ends_in_one_line(mnist_dir, tmp_path):
     and their caches, edited constants)."""
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bad_inputs.py"), "--json", str(report)],
-                            capture_output=True, text=True, timeout=3600, cwd=REPO, env=dict(os.environ,
+                            capture_output=True, text=True, timeout=5400, cwd=REPO, env=dict(os.environ,
                                                                                        MNIST_DIR=str(mnist_dir.resolve())))
     print(result.stdout[-6000:])
     results = json.loads(report.read_text())

@@ -178,7 +178,7 @@ def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, mnis
     assert status == 1 and "40 images at 28x28x1 need" in error and "--limit" in error
 
 
-@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine, so in the whole suite only.
 def test_a_conditional_run_on_a_class_folder_draws_a_row_per_class(tmp_path, mnist_train, capsys):
     images, labels = mnist_train
     keep = labels < 3

@@ -118,7 +118,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_newest_that_reads(tmp_path, mn
     assert history_of(run_dir)["iterations"] == history_of(straight)["iterations"]
 
 
-@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine, so in the whole suite only.
 def test_a_lost_checkpoint_index_reads_the_newest_checkpoint_present(tmp_path, mnist_dir, capsys):
     run_dir = tmp_path / "run"
     gan_mnist.main(QUICK + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(run_dir)])
@@ -314,7 +314,7 @@ def test_a_hand_edited_config_is_checked_as_its_flags_are(trained_run, tmp_path,
     assert contents(run_dir) == before
 
 
-@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine; the fast tier keeps a lighter case.
+@pytest.mark.slow  # Issue 40, 7: over 5 s on an idle AVX2-only machine, so in the whole suite only.
 def test_an_out_name_that_is_not_utf8_is_one_line(tmp_path):
     """Issue 41, 10: a UnicodeEncodeError traceback before."""
     name = os.fsdecode(bytes(tmp_path) + b"/run-\xff")
