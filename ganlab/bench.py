@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import utils
 from ganlab.devices import distribute, speed
 from ganlab.errors import UsageError
 from ganlab.run import calls, loop
@@ -258,9 +259,8 @@ def benchmark(config, data, build_training, min_seconds=6.0, alternations=3, str
             line += f" {result['device_mb']:>7.0f}"
         print(line)
     speedup = rows[0][2]["seconds"] / rows[1][2]["seconds"]
-    per_call = f"{config.steps_per_call} step{'s' if config.steps_per_call != 1 else ''} per call"
-    print(f"Speedup of the chosen settings ({config.precision}, XLA {'on' if config.xla else 'off'}, {per_call}) "
-          f"over the plain fp32 step: {speedup:.2f}x")
+    print(f"Speedup of the chosen settings ({config.precision}, XLA {'on' if config.xla else 'off'}, "
+          f"{utils.counted(config.steps_per_call, 'step')} per call) over the plain fp32 step: {speedup:.2f}x")
     if replicas > 1:
         scaling = rows[-1][2]["seconds"] / rows[1][2]["seconds"]
         print(f"Scaling over {replicas} replicas ({distribute.describe(config)}) against one device: {scaling:.2f}x "

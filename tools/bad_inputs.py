@@ -432,42 +432,56 @@ def then(*steps):
     return setup
 
 
+FOLDER_TRAIN = ["gan_mnist.py", "--dataset", "folder", "--data-dir", "{tmp}/outside", *FOLDER_QUICK, "--out",
+                "{tmp}/new"]
+FOLDER = dict(run=None, env={"GAN_MNIST_CACHE": "{tmp}/cache"})  # No trained run; a cache of the case's own.
+
+
+def put(relative, content):
+    """setup: at {tmp}/outside/`relative`, a directory ("dir"), a FIFO ("fifo"), a link (("link", target)) or bytes."""
+    def setup(tmp):
+        path = tmp / "outside" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content == "dir":
+            path.mkdir()
+        elif content == "fifo":
+            os.mkfifo(path)
+        elif isinstance(content, tuple):
+            path.symlink_to(tmp / "outside" / content[1])
+        else:
+            path.write_bytes(content)
+    return setup
+
+
+def jpeg_named_png(tmp):
+    """setup: a JPEG among the cat pictures, named .png."""
+    from PIL import Image
+    Image.fromarray(mnist_images()[500]).save(tmp / "outside" / "cat" / "lies.png", format="JPEG")
+
+
+def dead_temporary(tmp):
+    """setup: the temporary of a decoded-cache writer that died (pid 999999) in the case's cache."""
+    (tmp / "cache" / "folders").mkdir(parents=True)
+    (tmp / "cache" / "folders" / ".0123abcd-28x1-24.npz.tmp-999999").write_bytes(b"x" * 1000)
+
+
+def damaged_cache(tmp):
+    """setup: a run that caches the folder's decoded set, then that cache cut short."""
+    subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--dataset", "folder", "--data-dir",
+                    str(tmp / "outside"), *FOLDER_QUICK, "--out", str(tmp / "first")], capture_output=True,
+                   env=dict(os.environ, GAN_MNIST_CACHE=str(tmp / "cache"), MNIST_DIR=str(MNIST)), cwd=tmp)
+    for path in (tmp / "cache" / "folders").glob("*.npz"):
+        path.write_bytes(path.read_bytes()[:200])
+
+
 def folder_cases():
     """Issue 41: a folder of one's own pictures (--dataset folder), its caches, and where it is given from."""
-    train = ["gan_mnist.py", "--dataset", "folder", "--data-dir", "{tmp}/outside", *FOLDER_QUICK, "--out", "{tmp}/new"]
-    cache = {"GAN_MNIST_CACHE": "{tmp}/cache"}
-    folder = dict(run=None, env=cache)
+    return folder_place_cases() + folder_content_cases() + folder_class_and_cache_cases()
 
-    def write(relative, content):
-        def setup(tmp):
-            path = tmp / "outside" / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if content == "dir":
-                path.mkdir()
-            elif content == "fifo":
-                os.mkfifo(path)
-            elif isinstance(content, tuple):  # ("link", target)
-                path.symlink_to(tmp / "outside" / content[1])
-            else:
-                path.write_bytes(content)
-        return setup
 
-    def jpeg_named_png(tmp):
-        from PIL import Image
-        Image.fromarray(mnist_images()[500]).save(tmp / "outside" / "cat" / "lies.png", format="JPEG")
-
-    def dead_temporary(tmp):
-        (tmp / "cache" / "folders").mkdir(parents=True)
-        (tmp / "cache" / "folders" / ".0123abcd-28x1-24.npz.tmp-999999").write_bytes(b"x" * 1000)
-
-    def damaged_cache(tmp):
-        subprocess.run([sys.executable, str(REPO / "gan_mnist.py"), "--dataset", "folder", "--data-dir",
-                        str(tmp / "outside"), *FOLDER_QUICK, "--out", str(tmp / "first")], capture_output=True,
-                       env=dict(os.environ, GAN_MNIST_CACHE=str(tmp / "cache"), MNIST_DIR=str(MNIST)), cwd=tmp)
-        for path in (tmp / "cache" / "folders").glob("*.npz"):
-            path.write_bytes(path.read_bytes()[:200])
-
-    numbered = pictures(classes=("0", "1", "2", "10"), count=8)
+def folder_place_cases():
+    """Pictures given to a named dataset, or no folder given."""
+    folder = FOLDER
     return [
         Case("folders", "--data-dir of pictures without --dataset folder", ["gan_mnist.py", "--data-dir",
                                                                            "{tmp}/outside", *QUICK, "--out", "{tmp}/new"],
@@ -478,35 +492,42 @@ def folder_cases():
              setup=pictures(classes=()), **folder),
         Case("folders", "--data-dir of other files for MNIST", ["gan_mnist.py", "--data-dir", "{tmp}/outside", *QUICK,
                                                                "--out", "{tmp}/new"],
-             setup=write("notes.txt", b"mine"), **folder),
+             setup=put("notes.txt", b"mine"), **folder),
         Case("folders", "--data-dir of pictures for CIFAR-10", ["dcgan_mnist.py", "--dataset", "cifar10", "--data-dir",
                                                                "{tmp}/outside", *QUICK, "--out", "{tmp}/new"],
              setup=pictures(), **folder),
         Case("folders", "--dataset folder without --data-dir", ["gan_mnist.py", "--dataset", "folder", *FOLDER_QUICK,
                                                               "--out", "{tmp}/new"], **folder),
+    ]
+
+
+def folder_content_cases():
+    """What the folder holds: nothing, no pictures, unreadable ones, links, pictures at two levels."""
+    train, folder = FOLDER_TRAIN, FOLDER
+    return [
         Case("folders", "--data-dir a missing folder", train, **folder),
         Case("folders", "--data-dir a file", train, setup=lambda tmp: (tmp / "outside").write_text("keep"), **folder),
         Case("folders", "an empty folder", train, setup=lambda tmp: (tmp / "outside").mkdir(), **folder),
-        Case("folders", "only files that are not pictures", train, setup=write("a.txt", b"text"), **folder),
+        Case("folders", "only files that are not pictures", train, setup=put("a.txt", b"text"), **folder),
         Case("folders", "only hidden pictures", train, setup=then(pictures(classes=()), lambda tmp: [
             p.rename(p.with_name("." + p.name)) for p in (tmp / "outside").glob("*.png")]), **folder),
         Case("folders", "every picture corrupt", train, setup=then(pictures(classes=()), lambda tmp: [
             p.write_bytes(b"\x89PNG junk") for p in (tmp / "outside").glob("*.png")]), **folder),
-        Case("folders", "an empty class", train, setup=then(pictures(), write("bird", "dir")), **folder),
+        Case("folders", "an empty class", train, setup=then(pictures(), put("bird", "dir")), **folder),
         Case("folders", "pictures at the top and in a subfolder", train,
              setup=then(pictures(classes=()), pictures(classes=("rejects",), count=2, start=100)), **folder),
         Case("folders", "a class that is a link to another", train,
-             setup=then(pictures(), write("puppy", ("link", "dog"))), **folder),
+             setup=then(pictures(), put("puppy", ("link", "dog"))), **folder),
         Case("folders", "a picture linked from another class", train,
-             setup=then(pictures(), write("cat/also.png", ("link", "dog/000.png"))), **folder),
-        Case("folders", "a FIFO named like a picture", train, setup=then(pictures(), write("cat/pipe.png", "fifo")),
+             setup=then(pictures(), put("cat/also.png", ("link", "dog/000.png"))), **folder),
+        Case("folders", "a FIFO named like a picture", train, setup=then(pictures(), put("cat/pipe.png", "fifo")),
              expect="ran", **folder),
         Case("folders", "a directory named like a picture", train,
-             setup=then(pictures(), write("cat/sub.png", "dir")), expect="ran", **folder),
+             setup=then(pictures(), put("cat/sub.png", "dir")), expect="ran", **folder),
         Case("folders", "a dangling link named like a picture", train,
-             setup=then(pictures(), write("cat/gone.png", ("link", "nowhere.png"))), expect="ran", **folder),
+             setup=then(pictures(), put("cat/gone.png", ("link", "nowhere.png"))), expect="ran", **folder),
         Case("folders", "a JPEG named .png", train, setup=then(pictures(), jpeg_named_png), expect="ran", **folder),
-        Case("folders", "an empty picture file", train, setup=then(pictures(), write("cat/empty.png", b"")),
+        Case("folders", "an empty picture file", train, setup=then(pictures(), put("cat/empty.png", b"")),
              expect="ran", **folder),
         Case("folders", "a file name that is not UTF-8", train,
              setup=then(pictures(), lambda tmp: os.rename(tmp / "outside" / "cat" / "000.png",
@@ -515,6 +536,14 @@ def folder_cases():
         Case("folders", "--data-dir given through a link", ["gan_mnist.py", "--dataset", "folder", "--data-dir",
                                                             "{tmp}/link", *FOLDER_QUICK, "--out", "{tmp}/new"],
              setup=then(pictures(), lambda tmp: (tmp / "link").symlink_to(tmp / "outside")), expect="ran", **folder),
+    ]
+
+
+def folder_class_and_cache_cases():
+    """Classes named by numbers, --classes and --limit on classes, the cache, and --out inside the folder."""
+    train, folder = FOLDER_TRAIN, FOLDER
+    numbered = pictures(classes=("0", "1", "2", "10"), count=8)
+    return [
         Case("folders", "numbered classes: --classes 2 is the class named 2", train[:-2] + ["--classes", "2", "--out",
                                                                                           "{tmp}/new"],
              setup=numbered, expect="ran", **folder),

@@ -78,9 +78,8 @@ def test_real_samples_show_every_class_of_a_set_held_class_by_class(tmp_path, mn
                                                                                                    np.uint8)
     run = run_directory.RunDirectory(tmp_path / "run")
     run.path.mkdir()
-    config = SimpleNamespace(sample_grid=3, hyperparameters=(), script="gan_mnist", out=run.path, data_dir=str(tmp_path),
-                             dataset="folder",
-                             num_samples=0, precision="fp32", xla=False, steps_per_call=1, checkpoint_minutes=0,
+    config = SimpleNamespace(sample_grid=3, hyperparameters=(), script="gan_mnist", out=run.path, dataset="folder",
+                             data_dir=str(tmp_path), num_samples=0, precision="fp32", xla=False, steps_per_call=1, checkpoint_minutes=0,
                              deterministic=False, data_shape=(4, 4, 1), class_names=(), constants={})
     loop.write_run_start(config, run, images, "none", {})
     grid = utils.iio.imread(run.real_samples)
