@@ -24,27 +24,12 @@ import imageio.v3 as iio
 import matplotlib
 import numpy as np
 
-from ganlab import tf  # TensorFlow, loaded with its start-up chatter muted
 from ganlab.datasets import cifar10, downloads, folder
 from ganlab.errors import DataError, UsageError
 
 matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-
-def add_flags(parser):
-    """The data flag: where the dataset's files are."""
-    parser.add_argument_group("data").add_argument(
-        "--data-dir", metavar="DIR", default=None,
-        help="directory with the dataset's files: MNIST or Fashion-MNIST IDX files (or mnist.npz), "
-             "or CIFAR-10's cifar-10-batches-py (default: $MNIST_DIR, $FASHION_MNIST_DIR or "
-             "$CIFAR10_DIR, data/<dataset>, the system's and Keras's copies, else download)")
-
-
-def check_flags(config):
-    """--classes names classes of --dataset: refused now, before any data is read."""
-    classes_in_play(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +347,8 @@ def prepare_images(images, image_size=28, transform="none"):
         before, after = (image_size - native) // 2, image_size - native - (image_size - native) // 2
         result = np.pad(scaled, ((0, 0), (before, after), (before, after), (0, 0)), constant_values=-1.0)
     elif transform == "resize":
+        import tensorflow as tf  # Here, not at the top: the command line is checked without TensorFlow.
+
         chunks = [tf.image.resize(scaled[i:i + 4096], (image_size, image_size)).numpy()
                   for i in range(0, len(scaled), 4096)]
         result = np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, channels), np.float32)
@@ -393,6 +380,8 @@ def to_dataset_uint8(images, transform="none", native_size=28):
         margin = (images.shape[1] - native_size) // 2
         images = images[:, margin:margin + native_size, margin:margin + native_size]
     elif transform == "resize":
+        import tensorflow as tf
+
         images = tf.image.resize(images, (native_size, native_size), method="area").numpy()
     if images.shape[1:3] != (native_size, native_size):
         raise ValueError(f"cannot bring images of shape {images.shape} back to {native_size}x{native_size} "

@@ -1,6 +1,7 @@
 """ganlab: the machinery that gan_mnist.py and dcgan_mnist.py share, so that each script is its GAN.
 
     configurator.py    the command line and the settings, resolved once, then frozen
+    flags.py           the flags that are not hyperparameters, by group, with their checks
     models.py          the parts both GANs are built from: layers, losses, optimizers, the average of G
     run/               training: the loop, its state and checkpoints, the run directory, what the user watches
     devices/           where and how fast: the tf.distribute strategy, precision, XLA
@@ -10,20 +11,15 @@
     errors.py          one line and an exit status for every failure a user can act on
 
 Importing the package loads TensorFlow and Keras with their C++ start-up chatter muted; the
-scripts take `keras` and `tf` from here.
+scripts take `keras` and `tf` from here. Before it loads them, a script run from the command line
+has its `--help`, or a bad flag or constant, answered without them (configurator.answer_early).
 """
 
 import os
 import sys
 from pathlib import Path
 
-
-def cache_dir():
-    """Where this project caches what it computes once (the evaluation classifier, decoded folders, XLA's
-    programs): $GAN_MNIST_CACHE, else $XDG_CACHE_HOME/tf2-gan-mnist, else ~/.cache/tf2-gan-mnist."""
-    if os.environ.get("GAN_MNIST_CACHE"):
-        return Path(os.environ["GAN_MNIST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
+from ganlab.datasets.downloads import cache_dir
 
 
 def _keep_xla_programs():
@@ -72,5 +68,16 @@ def _import_tensorflow_quietly():
     return keras, tensorflow
 
 
+def _answer_the_command_line():
+    """When a script of the checkout runs (`python gan_mnist.py ...`): its --help or a bad flag answered now, in
+    a second, not after TensorFlow's 5 s start; training goes on past here as before."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if script and script.endswith(".py") and Path(script).resolve().parent == Path(__file__).resolve().parent.parent:
+        from ganlab import configurator
+
+        configurator.answer_early(script, sys.argv[1:])
+
+
 _keep_xla_programs()
+_answer_the_command_line()
 keras, tf = _import_tensorflow_quietly()

@@ -22,42 +22,7 @@ import tensorflow as tf
 
 import utils
 from ganlab.devices import distribute, speed
-from ganlab.errors import UsageError
 from ganlab.run import calls, loop
-
-
-def add_flags(parser):
-    """The benchmark's flags."""
-    group = parser.add_argument_group("benchmark")
-    group.add_argument("--benchmark", action="store_true",
-                       help="do not train: time training steps at steady state and print a table against the "
-                            "machine's matmul peak and a plain fp32 step")
-    group.add_argument("--batch-sizes", metavar="LIST", default=None,
-                       help="with --benchmark: also time these batch sizes, e.g. 32,64,128,256")
-    return group
-
-
-def check_flags(config):
-    """--batch-sizes needs --benchmark, and lists positive integers."""
-    if config.batch_sizes is None:
-        return
-    if not config.benchmark:
-        raise UsageError("argument --batch-sizes: only used with --benchmark")
-    batch_sizes(config.batch_sizes)
-
-
-def batch_sizes(text):
-    """--batch-sizes as a tuple of positive integers (None without it); UsageError naming the flag."""
-    if text is None:
-        return None
-    try:
-        sizes = tuple(int(size) for size in text.split(","))
-        if min(sizes) < 1:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"argument --batch-sizes: expected positive integers separated by commas, "
-                         f"got {text!r}") from None
-    return sizes
 
 
 def forward_flops(model):

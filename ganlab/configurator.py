@@ -3,9 +3,12 @@
 Every upper-case constant of plain type in a script's hyperparameter block is a flag under the
 same name (`BATCH_SIZE` is `--batch-size`), its value the default and its comment the help
 (karpathy/nanoGPT's configurator, with types and checks). The other flags come in groups, each
-defined and checked beside the code that uses it: data (utils.py), the run directory, training,
-sampling and scoring, speed, devices and the benchmark. A bad flag or value is one `UsageError`
-naming the flag, before anything is built.
+with its checks (flags.py): data, the run directory, training, sampling and scoring, speed, devices
+and the benchmark. A bad flag or value is one `UsageError` naming the flag, before anything is built.
+
+Parsing (`parse`) loads no TensorFlow, so that a script run from the command line answers `--help`
+and a bad flag or constant before TensorFlow's 5 s start (`answer_early`, called by ganlab/__init__.py
+before it loads TensorFlow); the steps after it, devices and the strategy, import theirs as they run.
 
 `resolve` is the one place the settings are made, in this order: the flags, then the preset
 (`--arch`, whose architecture joins the settings), then a resumed run's saved settings, then the
@@ -14,7 +17,10 @@ module reads them, none writes them, and every field is always there.
 """
 
 import argparse
+import ast
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import re
@@ -24,17 +30,15 @@ from pathlib import Path
 import numpy as np
 
 import utils
-from ganlab import bench, errors
-from ganlab.devices import distribute, speed
+from ganlab import errors, flags
 from ganlab.errors import DataError, UsageError, flag
 from ganlab.datasets import cifar10, downloads, folder
 from ganlab.run import directory as run_directory
-from ganlab.run import loop
 from ganlab.run.directory import RunDirectory
-from ganlab.sampling import sample
 
 # A constant in a script's block: NAME = value  # comment (the comment becomes the flag's help).
 _CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
+_CONSTANT_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 # Checks for the hyperparameters both scripts use, applied to whichever a script defines.
 _CHECKS = {
@@ -162,6 +166,8 @@ def resolve(script_path, namespace, argv=None, description=None, presets=None, a
     --evaluate, which serve a trained run, only the flags and the preset are resolved and the
     strategy is None. `default_steps_per_call` is the script's choice for --steps-per-call 0 on the CPU.
     """
+    from ganlab.devices import distribute  # TensorFlow's: see the module's docstring.
+
     values = parse(script_path, namespace, argv, description, presets, auto_preset)
     run = RunDirectory(values["out"])
     sampling = values["generate"] or values["interpolate"] or values["evaluate"]
@@ -186,10 +192,95 @@ def resolve(script_path, namespace, argv=None, description=None, presets=None, a
     return settings, run if settings.chief else run_directory.worker_directory(settings.task, run), strategy
 
 
+def answer_early(script_path, argv):
+    """Answer the command line of a script run as `python gan_mnist.py ...` before TensorFlow loads (its 5 s):
+    `--help`, or a bad flag, value or constant, in the words and exit status the full run would give
+    (`parse` under `errors.run_main`), from the script's source read without running it (`_as_written`).
+
+    Returns, saying nothing, when the command line passes (the run then parses it again, in full) or
+    when the script cannot be read so (a constant computed, say): the full run answers as ever.
+    """
+    try:
+        arguments = _as_written(script_path)
+    except (OSError, SyntaxError, ValueError):
+        return
+    if arguments is None:
+        return
+    said, errors_said = io.StringIO(), io.StringIO()  # What parse prints (--arch auto's choice): shown only on a stop.
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(errors_said):
+            errors.run_main(lambda argv: parse(script_path, argv=argv, **arguments), argv)
+    except SystemExit:  # --help, or a one-line error.
+        print(said.getvalue(), end="", flush=True)
+        print(errors_said.getvalue(), end="", file=sys.stderr, flush=True)
+        raise
+    except Exception:  # A script of the user's that only running it can read: the full run answers.
+        return
+
+
+def _as_written(script_path):
+    """`parse`'s arguments for the script, read from its source: its top-level constants as `namespace`, its
+    docstring, and the `presets` and `auto_preset` (its function alone) its `configurator.resolve(...)` names.
+    None if they cannot be had without running it: a constant that is not a literal, or bound another way."""
+    tree = ast.parse(Path(script_path).read_bytes())
+    namespace, functions = {}, {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            functions[node.name] = node
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+              and _CONSTANT_NAME.fullmatch(node.targets[0].id)):
+            try:
+                namespace[node.targets[0].id] = _literal(node.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                return None
+        elif not isinstance(node, ast.ClassDef) and any(
+                isinstance(name, ast.Name) and isinstance(name.ctx, ast.Store) and _CONSTANT_NAME.fullmatch(name.id)
+                or isinstance(name, ast.alias) and _CONSTANT_NAME.fullmatch(name.asname or name.name)
+                for name in ast.walk(node)):
+            return None
+    call = next((node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr == "resolve"), None)
+    named = {keyword.arg: keyword.value for keyword in call.keywords} if call else {}
+    if call is None or not all(isinstance(value, ast.Name) for key, value in named.items()
+                               if key in ("description", "presets", "auto_preset")):
+        return None
+    arguments = dict(namespace=namespace, description=ast.get_docstring(tree, clean=False)
+                     if "description" in named else None)
+    if "presets" in named:
+        if named["presets"].id not in namespace:
+            return None
+        arguments["presets"] = namespace[named["presets"].id]
+    if "auto_preset" in named:
+        function = functions.get(named["auto_preset"].id)
+        if function is None or function.decorator_list:
+            return None
+        defined = dict(namespace)
+        exec(compile(ast.Module([function], type_ignores=[]), str(script_path), "exec"), defined)
+        arguments["auto_preset"] = defined[function.name]
+    return arguments
+
+
+def _literal(node):
+    """The value of a constant's expression if it is a literal, `dict(key=literal, ...)` too (the presets');
+    ValueError otherwise."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        if any(keyword.arg is None for keyword in node.keywords):
+            raise ValueError("dict(**...)")
+        return {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(key): _literal(value) for key, value in zip(node.keys, node.values)}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return (list if isinstance(node, ast.List) else tuple)(_literal(element) for element in node.elts)
+    return ast.literal_eval(node)
+
+
 def with_devices(values, default_steps_per_call=1):
     """`values` with the devices taken and the replica count, precision, XLA and steps per call resolved
     (`speed.choose`, from the step's work, `step_multiply_adds`); a worker that is not the chief leaves
     the evaluation to it. UsageError for a batch smaller than the replica count."""
+    from ganlab.devices import distribute, speed  # TensorFlow's: see the module's docstring.
+    from ganlab.sampling import sample
+
     values = dict(values, step_multiply_adds=step_multiply_adds(values))
     if values["cpu"]:
         distribute.use_gpus("off", cpu=True)  # No GPU is visible from here on.
@@ -253,13 +344,7 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     names = _add_hyperparameters(parser, script_path, namespace, presets, auto_preset)
     _check_constants(script_path, namespace, names, presets)
-    utils.add_flags(parser)
-    run_directory.add_flags(parser, script_name)
-    loop.add_flags(parser)
-    sample.add_flags(parser)
-    speed.add_flags(parser)
-    distribute.add_flags(parser)
-    bench.add_flags(parser)
+    flags.add_flags(parser, script_name)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     values = vars(parser.parse_args(argv))
@@ -272,15 +357,14 @@ def parse(script_path, namespace, argv=None, description=None, presets=None, aut
         values = _data_and_preset(values | UNRESOLVED, presets, auto_preset)
         _check_hyperparameters(values)
         checked = freeze(values)  # Checks only check.
-        for group in (utils, run_directory, loop, sample, speed, distribute, bench):
-            group.check_flags(checked)
+        flags.check_flags(checked)
     except UsageError as error:
         raise _naming_the_constant(error, values) from None
     # --num-samples 0: the MNIST test set's 10,000; a folder's own picture count, up to that.
     values["num_samples"] = values["num_samples"] or min(10_000, values["data_images"] or 10_000)
     values["out"] = run_directory.default_out(values["out"], script_name,
                                               values["data_dir"] if values["dataset"] == "folder" else None)
-    values["batch_sizes"] = bench.batch_sizes(values["batch_sizes"])
+    values["batch_sizes"] = flags.batch_sizes(values["batch_sizes"])
     return values
 
 

@@ -19,8 +19,6 @@ import sys
 import threading
 from pathlib import Path
 
-import tensorflow
-
 REPO_DIR = Path(__file__).resolve().parent.parent  # The checkout: the scripts, requirements.txt, results/.
 
 
@@ -59,9 +57,11 @@ def is_out_of_space(error):
 @contextlib.contextmanager
 def out_of_memory(doing, sizes):
     """Turn running out of memory while `doing` into one UsageError naming the `sizes` to reduce (exit 2)."""
+    import tensorflow as tf  # Not at the top: the command line is checked without it (flags.py).
+
     try:
         yield
-    except (MemoryError, tensorflow.errors.ResourceExhaustedError) as error:
+    except (MemoryError, tf.errors.ResourceExhaustedError) as error:
         if is_out_of_space(error):
             raise
         tensor = re.search(r"OOM when allocating tensor with shape\[([^\]]*)\]", str(error))
@@ -92,6 +92,8 @@ def nvidia_gpus():
 
 def tensorflow_gpu_problem():
     """TensorFlow's own reason for finding no GPU: its log lines about CUDA, from a quick probe with them on."""
+    import tensorflow
+
     if not tensorflow.test.is_built_with_cuda():
         return f"this TensorFlow {tensorflow.__version__} was built without CUDA"
     probe = "import tensorflow as tf; tf.config.list_physical_devices('GPU')"
@@ -110,6 +112,8 @@ def unusable_gpus():
     """One line if this machine has NVIDIA GPUs and TensorFlow sees none (unless CUDA_VISIBLE_DEVICES hides
     them on purpose): the GPUs, TensorFlow's reason, and the fix; else None. `configurator.resolve` stops
     training with it (unless --cpu) and warns with it when sampling."""
+    import tensorflow
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and (not visible.strip() or visible.split(",")[0].strip().startswith("-")):
         return None

@@ -18,10 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import tensorflow as tf  # noqa: E402
-
 import utils  # noqa: E402
-from ganlab import configurator, errors  # noqa: E402
+from ganlab import configurator, errors, tf  # noqa: E402  (TensorFlow loaded by the package, its chatter muted)
 from ganlab.datasets import cifar10  # noqa: E402
 from ganlab.devices import speed  # noqa: E402
 

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import ganlab
 from ganlab.errors import REPO_DIR, DataError
 
 # Where a dataset is downloaded to when no directory is given: data/<dataset>/ in the repository.
@@ -54,9 +53,11 @@ IDX_DATASETS = {
 
 
 def cache_dir():
-    """Where this project caches what it computes once: $GAN_MNIST_CACHE, else $XDG_CACHE_HOME/tf2-gan-mnist,
-    else ~/.cache/tf2-gan-mnist (`ganlab.cache_dir`)."""
-    return ganlab.cache_dir()
+    """Where this project caches what it computes once (the evaluation classifier, decoded folders, XLA's
+    programs): $GAN_MNIST_CACHE, else $XDG_CACHE_HOME/tf2-gan-mnist, else ~/.cache/tf2-gan-mnist."""
+    if os.environ.get("GAN_MNIST_CACHE"):
+        return Path(os.environ["GAN_MNIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tf2-gan-mnist"
 
 
 def keras_datasets():

@@ -33,46 +33,10 @@ import tensorflow as tf
 from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import expand_tasks_per_node
 
 from ganlab.errors import UsageError
+from ganlab.flags import MIRROR_MIN_GMACS
 
-PEER_TIMEOUT = 10.0  # Minutes a worker waits for its cluster: a peer that never starts must not hang it for ever.
-# --distribute auto mirrors over a box's GPUs only when each GPU's share of a step's forward passes is at least
-# this many billion multiply-adds: under it the ~20 collectives of a mirrored step (a few tens of microseconds
-# each, over NVLink) outweigh the share's arithmetic (about 1 ms at 10 G on a current GPU), so one GPU is faster.
-# The default DCGAN (64 x 0.18 G) stays on one GPU; --arch 64 (100 x 2.0 G) mirrors over up to 20.
-MIRROR_MIN_GMACS = 10.0
 DEVICE_SHARE = 0.5  # A training set over this share of a GPU's memory stays in host memory (copied in per call).
 SLURM_PORT_BASE = 8888  # The first port of a Slurm task's server ($GAN_MNIST_SLURM_PORT overrides), as TensorFlow's.
-
-
-def add_flags(parser):
-    """The device flags."""
-    devices = parser.add_argument_group("devices")
-    devices.add_argument("--distribute", choices=("auto", "off", "mirrored", "multi-worker"), default="auto",
-                         help="auto: multi-worker when $TF_CONFIG (or a Slurm job step of several tasks) names a "
-                              "cluster, else mirror over every visible GPU when there are two or more and each "
-                              f"GPU's share of a step's forward passes is at least {MIRROR_MIN_GMACS:g} G "
-                              "multiply-adds (the big --arch 64), else one device (one GPU); off: one device; "
-                              "mirrored: every GPU, "
-                              "or without GPUs the CPU's logical devices (see --cpu-devices); multi-worker: every "
-                              "machine of $TF_CONFIG's cluster (default: auto)")
-    devices.add_argument("--peer-timeout", metavar="MINUTES", type=float, default=PEER_TIMEOUT,
-                         help="with a cluster ($TF_CONFIG or Slurm): how long to wait for every other worker to "
-                              "join, and for a collective between them, before stopping in one line "
-                              f"(default: {PEER_TIMEOUT:g})")
-    devices.add_argument("--cpu", action="store_true",
-                         help="train on the CPU: without it, training stops at once on a machine with NVIDIA GPUs "
-                              "that TensorFlow cannot use (CUDA_VISIBLE_DEVICES=\"\" says the same)")
-    devices.add_argument("--cpu-devices", metavar="N", type=int, default=0,
-                         help="split the CPU into N logical devices, for --distribute mirrored on a machine "
-                              "without GPUs (default: 0, the CPU as one device)")
-    return devices
-
-
-def check_flags(config):
-    if config.cpu_devices < 0 or config.cpu_devices > 64:
-        raise UsageError(f"argument --cpu-devices: must be from 0 to 64, got {config.cpu_devices}")
-    if not 0 < config.peer_timeout < float("inf"):
-        raise UsageError(f"argument --peer-timeout: must be a positive number of minutes, got {config.peer_timeout}")
 
 
 def split_cpu(count):

@@ -1,46 +1,18 @@
-"""The speed settings: precision policy, XLA and training steps per compiled call, with their flags.
+"""The speed settings: precision policy, XLA and training steps per compiled call (their flags: flags.py).
 
 `--precision auto`, `--xla` unset and `--steps-per-call 0` pick what measured fastest on the device
 at hand (`choose`); bench.py measures them.
 """
 
-import argparse
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from ganlab.devices import distribute
-from ganlab.errors import UsageError
+from ganlab.flags import GPU_CALL_MULTIPLY_ADDS
 
 PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-# On GPUs, --steps-per-call 0 runs enough steps in a call that it holds about this many multiply-adds of
-# training (a step: ~9 times its forward passes' `step_multiply_adds`, with the backward passes), some tens
-# of milliseconds on a current GPU, so that the host's ~1 ms between calls is small beside it.
-GPU_CALL_MULTIPLY_ADDS = 2e12
-
-
-def add_flags(parser):
-    """The speed flags (the benchmark's are in bench.py)."""
-    speed = parser.add_argument_group("speed (see --benchmark; the defaults pick what measured fastest on the device)")
-    speed.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                       help="auto: bf16 on CPUs with AVX512-BF16 or AMX and on GPUs of compute capability 8+, fp16 "
-                            "with loss scaling on older GPUs, else fp32 (default: auto)")
-    speed.add_argument("--xla", default=None, action=argparse.BooleanOptionalAction,
-                       help="compile the train step with XLA (default: on with one GPU; off on the CPU, where it "
-                            "measured slower; always off over several replicas: TensorFlow 2.21 compiles a replica's "
-                            "step only when every device is a GPU, a path no CPU can run, so it is left untried)")
-    speed.add_argument("--steps-per-call", metavar="K", type=int, default=0,
-                       help="training steps run in one compiled call (default: 0, which picks 10 for the GAN and 1 "
-                            "for the DCGAN on the CPU; on GPUs, enough that a call holds about "
-                            f"{GPU_CALL_MULTIPLY_ADDS / 1e12:g} T multiply-adds of training (10 to 100), so that the "
-                            "host's ~1 ms per call is small beside it)")
-    return speed
-
-
-def check_flags(config):
-    if config.steps_per_call < 0:
-        raise UsageError(f"argument --steps-per-call: must be 0 (auto) or a positive number, got {config.steps_per_call}")
 
 
 def cpu_has_bf16():

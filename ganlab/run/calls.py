@@ -106,7 +106,7 @@ class CompiledCalls:
 
     The program always takes K rows (the rest padded, the step count passed as a value), so one
     process compiles it once; with XLA, TensorFlow's persistent cache keeps it for the next process
-    (`ganlab.cache_dir`). If XLA cannot compile it (on a GPU: no `ptxas` or nvJitLink, no libdevice, an
+    (`downloads.cache_dir`). If XLA cannot compile it (on a GPU: no `ptxas` or nvJitLink, no libdevice, an
     older cuDNN), the first call says so in one line and runs it compiled by TensorFlow alone; any
     other failure of the first call is one line too.
     """

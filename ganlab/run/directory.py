@@ -33,38 +33,6 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.index$")
 
 
-def add_flags(parser, script_name):
-    """The run-directory flags."""
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", metavar="DIR", default=None,
-                     help=f"run directory for every output (default: results/{script_name})")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its newest readable checkpoint (or from scratch if it "
-                          "has none yet), with its saved hyperparameters (--epochs may grow, --lr may drop)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the run that --out already holds (only the files a run writes are removed)")
-    return run
-
-
-def check_flags(config):
-    if config.resume and config.overwrite:
-        raise UsageError("argument --resume: not allowed with --overwrite")
-    if config.out is not None and not config.out.strip():
-        raise UsageError("argument --out: empty; name a run directory (default: results/<script>)")
-    try:
-        (config.out or "").encode("utf-8")
-    except UnicodeEncodeError:  # Issue 41, 10: bytes that are no UTF-8, kept by Python as surrogates.
-        shown = os.fsencode(config.out).decode("utf-8", "backslashreplace")
-        raise UsageError(f"argument --out: {shown} is not a UTF-8 name, which the run's files and messages "
-                         f"need; choose another") from None
-    if config.out and config.dataset == "folder" and config.data_dir and not (config.generate or config.interpolate or
-                                                                              config.evaluate):
-        pictures, out = Path(config.data_dir).expanduser().resolve(), Path(config.out).expanduser().resolve()
-        if out == pictures or pictures in out.parents:  # Its grids would join the pictures it trains on.
-            raise UsageError(f"argument --out: {config.out} is inside --data-dir {config.data_dir}, the folder of "
-                             f"pictures the run reads, which it never writes into; choose a directory outside it")
-
-
 def default_out(out, script, data_dir=None):
     """--out as a path: when not given, results/<script> of this checkout, or for a folder of one's own
     pictures (`data_dir`) results/<script>-<the folder's name>."""

@@ -32,26 +32,6 @@ from ganlab.run.outputs import METRICS, EpochOutputs, outputs_behind
 from ganlab.run.stopping import StopNow, StopRequests, check_finite, interrupted, resume_command
 from ganlab.sampling import sample
 
-CHECKPOINT_MINUTES = 10.0  # Besides each epoch's end: a crash loses minutes of training, not an epoch.
-
-
-def add_flags(parser):
-    """The training flags that are not hyperparameters."""
-    training = parser.add_argument_group("training")
-    training.add_argument("--deterministic", action="store_true",
-                          help="enable TensorFlow's op determinism, for bit-exact repeats on GPUs (slower; saved "
-                               "with the run, so --resume keeps it)")
-    training.add_argument("--checkpoint-minutes", metavar="M", type=float, default=CHECKPOINT_MINUTES,
-                          help="also save a checkpoint mid-epoch after M minutes of training since the last "
-                               f"(0: at the end of each epoch only; default: {CHECKPOINT_MINUTES:g})")
-
-
-def check_flags(config):
-    if not (config.checkpoint_minutes >= 0 and config.checkpoint_minutes != float("inf")):
-        raise UsageError(f"argument --checkpoint-minutes: must be 0 or a positive number of minutes, "
-                         f"got {config.checkpoint_minutes}")
-
-
 class Hooks:
     """Where a tool joins the training loop without changing it; each method here changes nothing.
 

@@ -26,45 +26,6 @@ from ganlab.models import balanced_labels, one_hot
 from ganlab.sampling import evaluation
 
 
-def add_flags(parser):
-    """The flags that sample or score a trained run instead of training."""
-    sampling = parser.add_argument_group("sampling and scoring a trained run (--out)")
-    sampling.add_argument("--generate", metavar="N", type=int, default=None,
-                          help="do not train: load the run's trained generator (--out) and draw N samples: a grid "
-                               "of the first 1,024 at most, and all of them with --samples-npz")
-    sampling.add_argument("--samples-npz", metavar="FILE", default=None,
-                          help="with --generate: also write the samples as uint8 (N, 28, 28), or (N, 32, 32, 3) for "
-                               "CIFAR-10, under the key 'images'")
-    sampling.add_argument("--label", metavar="L", default=None,
-                          help="with --generate or --interpolate on a conditional run: draw class L only, by name "
-                               "or index; a name is that class, an index counts only where no class has that "
-                               "name (default: every class in turn)")
-    sampling.add_argument("--interpolate", action="store_true",
-                          help="do not train: write interpolation.gif, a walk through the run's latent space "
-                               "(and, for a conditional run, a morph through its classes)")
-    sampling.add_argument("--evaluate", action="store_true",
-                          help="do not train: score the run's trained generator (--out) on --num-samples samples")
-    sampling.add_argument("--num-samples", metavar="N", type=int, default=0,
-                          help="samples scored by each evaluation (default: 0, which is 10000, the size of the MNIST "
-                               "test set; for a folder, its picture count up to 10000)")
-    return sampling
-
-
-def check_flags(config):
-    if config.generate is not None and config.generate < 1:
-        raise UsageError(f"argument --generate: must be a positive number of samples, got {config.generate}")
-    if config.num_samples and config.num_samples < 2:
-        raise UsageError(f"argument --num-samples: must be 0 (auto) or at least 2, got {config.num_samples}")
-    if config.evaluate and config.generate is not None:
-        raise UsageError("argument --evaluate: not allowed with --generate; run them one after the other")
-    if config.label is not None and config.generate is None and not config.interpolate:
-        raise UsageError("argument --label: only used with --generate or --interpolate")
-    if config.samples_npz is not None and config.generate is None:
-        raise UsageError("argument --samples-npz: only used with --generate N")
-    if config.samples_npz is not None and not config.samples_npz.endswith(".npz"):
-        raise UsageError(f"argument --samples-npz: {config.samples_npz} must end in .npz")
-
-
 def generate_or_evaluate(config, run):
     """Serve --generate, --interpolate or --evaluate from the trained run in `run`; True if one was asked for."""
     doing = "--generate" if config.generate else "--interpolate" if config.interpolate else "--evaluate"

@@ -181,3 +181,64 @@ def test_an_edited_script_run_from_the_shell_exits_2_and_writes_nothing(tmp_path
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "gan_mnist.py: LR = 'fast' at the top of the script: must be a number" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gan_mnist.py"]  # No results/ directory.
+
+
+# --- The command line answered before TensorFlow loads (issue 40, 6) ------------------------------------------
+
+def _tensorflow_imported(stderr):
+    """Whether `python -X importtime`'s report in `stderr` lists TensorFlow among the modules imported."""
+    return any(line.startswith("import time:") and line.rstrip().endswith(("| tensorflow", "| keras"))
+               for line in stderr.splitlines())
+
+
+@pytest.mark.parametrize("script, argv, status, expected", [
+    ("gan_mnist.py", ["--help"], 0, "usage: gan_mnist.py"),
+    ("dcgan_mnist.py", ["--help"], 0, "usage: dcgan_mnist.py [-h] [--arch STR]"),
+    ("dcgan_mnist.py", ["--batch-size", "0"], 2,
+     "dcgan_mnist.py: error: argument --batch-size: must be a positive integer, got 0 (see --help)"),
+    ("gan_mnist.py", ["--epoch", "3"], 2, "gan_mnist.py: error: unrecognized arguments: --epoch 3 (see --help)"),
+])
+def test_help_and_a_bad_flag_are_answered_without_tensorflow(script, argv, status, expected):
+    """Issue 40, 6: `--help` took 7 s, all of it TensorFlow's start; it is answered before TensorFlow is imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", script, *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert done.returncode == status, done.stderr[-2000:]
+    assert expected in (done.stdout if status == 0 else done.stderr)
+    assert not _tensorflow_imported(done.stderr)
+    assert [line for line in done.stderr.splitlines() if not line.startswith("import time:")] == (
+        [] if status == 0 else [expected])
+
+
+@pytest.mark.parametrize("module, argv", [
+    (gan_mnist, []), (dcgan_mnist, []), (dcgan_mnist, ["--arch", "64", "--lr", "1e-4"]),
+    (gan_mnist, ["--dataset", "cifar10", "--conditional", "--classes", "cat,dog"]),
+])
+def test_the_script_as_written_parses_as_the_script_run(module, argv, tmp_path):
+    """What the early answer parses (the constants read from the source, the preset's function defined alone) is
+    what the run parses from the module itself, field for field."""
+    arguments = configurator._as_written(module.__file__)
+    early = configurator.parse(module.__file__, argv=argv + ["--out", str(tmp_path)], **arguments)
+    full = configurator.parse(module.__file__, vars(module), argv + ["--out", str(tmp_path)],
+                              presets=getattr(module, "PRESETS", None), auto_preset=getattr(module, "default_arch", None))
+    assert early.pop("multiply_adds") is None and full.pop("multiply_adds") is not None
+    assert early == full
+
+
+@pytest.mark.parametrize("edit", [
+    ("LR = 2e-4", "LR = 2e-4 * 2"),  # Computed.
+    ("EPOCHS = 100", "EPOCHS: int = 100"),  # Bound another way.
+    ("SEED = 0", "SEED = 0\nfor SEED in (1, 2):\n    pass"),
+])
+def test_a_script_read_only_by_running_it_is_left_to_the_full_run(edit, tmp_path):
+    """A constant that only running the script gives is not guessed at: the early answer stands aside."""
+    source = Path(gan_mnist.__file__).read_text()
+    assert edit[0] in source
+    script = tmp_path / "gan_mnist.py"
+    script.write_text(source.replace(edit[0], edit[1], 1))
+    assert configurator._as_written(script) is None
+    configurator.answer_early(script, ["--epochs", "0"])  # Returns: the full run says it.
+
+
+def test_a_good_command_line_goes_on_to_the_run_in_silence(capsys):
+    configurator.answer_early(Path(dcgan_mnist.__file__), ["--epochs", "2", "--limit", "640"])
+    assert capsys.readouterr() == ("", "")
