@@ -21,15 +21,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import imageio.v3 as iio
-import matplotlib
 import numpy as np
 
 from ganlab.datasets import cifar10, downloads, folder
 from ganlab.errors import DataError, UsageError
-
-matplotlib.use("Agg")  # Plots are files; no display is needed or assumed.
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +478,17 @@ def save_gif(path, frame_paths, frame_ms=200, last_frame_ms=1500):
 # ---------------------------------------------------------------------------------------------
 
 
+def _pyplot():
+    """matplotlib's pyplot, drawing into files (no display is needed or assumed). Imported at the first plot, as
+    TensorFlow's start has loaded matplotlib by then, quietly; at the top it would add 0.5 s to --help."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_history(path, history):
     """Plot D and G losses (per iteration, and per-epoch means) and mean D(x), D(G(z)) against epochs."""
     iterations = history["iterations"]
@@ -512,7 +518,7 @@ def plot_history(path, history):
 
     x_epoch = [e["epoch"] - 0.5 for e in epochs]  # An epoch's mean belongs to its middle.
     style = "o-" if len(epochs) <= 30 else "-"
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    figure, (top, bottom) = _pyplot().subplots(2, 1, figsize=(8, 7), sharex=True)
     for key, label, colour in (("d_loss", "D loss", "tab:blue"), ("g_loss", "G loss", "tab:orange")):
         top.plot(x, binned(key), color=colour, alpha=0.2, linewidth=0.6)
         top.plot(x, smoothed(binned(key), max(2.0, steps_per_epoch / 10 / width)), color=colour, linewidth=1.0)
@@ -532,7 +538,7 @@ def plot_history(path, history):
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    _pyplot().close(figure)
 
 
 def plot_metrics(path, evaluations, floor):
@@ -542,7 +548,9 @@ def plot_metrics(path, evaluations, floor):
     epochs = [e["epoch"] for e in evaluations]
     panels = (("fid", "Frechet distance (log scale)"), ("inception_score", "Inception Score"),
               ("classes_covered", "classes covered"), ("confidence", "mean top-class confidence"))
-    figure, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharex=True)
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _pyplot().subplots(2, 2, figsize=(9, 6.5), sharex=True)
     for axis, (key, title) in zip(axes.flat, panels):
         axis.plot(epochs, [e[key] for e in evaluations], "o-", color="tab:purple",
                   label="generated (EMA of G)" if "raw" in evaluations[-1] else "generated")
@@ -565,4 +573,4 @@ def plot_metrics(path, evaluations, floor):
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    _pyplot().close(figure)

@@ -17,7 +17,6 @@ has its `--help`, or a bad flag or constant, answered without them (configurator
 
 import os
 import sys
-from pathlib import Path
 
 from ganlab.datasets.downloads import cache_dir
 
@@ -69,10 +68,10 @@ def _import_tensorflow_quietly():
 
 
 def _answer_the_command_line():
-    """When a script of the checkout runs (`python gan_mnist.py ...`): its --help or a bad flag answered now, in
-    a second, not after TensorFlow's 5 s start; training goes on past here as before."""
+    """When a training script runs (`python gan_mnist.py ...`, or an edited copy of it anywhere): its --help or a
+    bad flag answered now, in a second, not after TensorFlow's 5 s start; training goes on past here as before."""
     script = getattr(sys.modules.get("__main__"), "__file__", None)
-    if script and script.endswith(".py") and Path(script).resolve().parent == Path(__file__).resolve().parent.parent:
+    if script and script.endswith(".py"):
         from ganlab import configurator
 
         configurator.answer_early(script, sys.argv[1:])

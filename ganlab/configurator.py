@@ -221,7 +221,8 @@ def answer_early(script_path, argv):
 def _as_written(script_path):
     """`parse`'s arguments for the script, read from its source: its top-level constants as `namespace`, its
     docstring, and the `presets` and `auto_preset` (its function alone) its `configurator.resolve(...)` names.
-    None if they cannot be had without running it: a constant that is not a literal, or bound another way."""
+    None if they cannot be had without running it (a constant that is not a literal, or bound another way), or
+    if the script calls no `configurator.resolve` (a tool of its own, say)."""
     tree = ast.parse(Path(script_path).read_bytes())
     namespace, functions = {}, {}
     for node in tree.body:
@@ -239,7 +240,7 @@ def _as_written(script_path):
                 for name in ast.walk(node)):
             return None
     call = next((node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                 and node.func.attr == "resolve"), None)
+                 and node.func.attr == "resolve" and getattr(node.func.value, "id", None) == "configurator"), None)
     named = {keyword.arg: keyword.value for keyword in call.keywords} if call else {}
     if call is None or not all(isinstance(value, ast.Name) for key, value in named.items()
                                if key in ("description", "presets", "auto_preset")):

@@ -242,3 +242,21 @@ def test_a_script_read_only_by_running_it_is_left_to_the_full_run(edit, tmp_path
 def test_a_good_command_line_goes_on_to_the_run_in_silence(capsys):
     configurator.answer_early(Path(dcgan_mnist.__file__), ["--epochs", "2", "--limit", "640"])
     assert capsys.readouterr() == ("", "")
+
+
+def test_an_edited_copy_of_a_script_elsewhere_is_answered_without_tensorflow(tmp_path):
+    script = tmp_path / "gan_mnist.py"
+    script.write_text(Path(gan_mnist.__file__).read_text().replace("EPOCHS = 100", "EPOCHS = 0", 1))
+    done = subprocess.run([sys.executable, "-X", "importtime", str(script)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    said = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert done.returncode == 2 and said == [
+        "gan_mnist.py: error: gan_mnist.py: EPOCHS = 0 at the top of the script: must be a positive integer, got 0 "
+        "(see --help)"]
+    assert not _tensorflow_imported(done.stderr) and not (tmp_path / "results").exists()
+
+
+def test_a_script_that_trains_nothing_is_not_read_as_one():
+    """A tool run as the main script (it calls no `configurator.resolve`) keeps its own command line."""
+    assert configurator._as_written(REPO / "tools" / "bad_inputs.py") is None
+    assert configurator._as_written(REPO / "results" / "extra_averages.py") is None
