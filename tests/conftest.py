@@ -30,6 +30,24 @@ HOW_TO_GET = {
 }
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini) runs a test per core, but keeps 4 GiB of memory for each worker: a worker holds
+    TensorFlow and the training processes its tests start."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return cores
+    return max(1, min(cores, memory // 2**32))
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first, the family of bad inputs (the longest, 11 min) first of all: over several workers
+    the suite then ends on short tests, not on one long one started last."""
+    items.sort(key=lambda item: (item.name != "test_every_family_of_bad_input_ends_in_one_line",
+                                 item.get_closest_marker("slow") is None))
+
+
 def _missing(dataset):
     message = f"no {dataset} data found: {HOW_TO_GET[dataset]}"
     if os.environ.get("GAN_MNIST_REQUIRE_DATA") == "1":
