@@ -245,6 +245,8 @@ def _as_written(script_path):
     if call is None or not all(isinstance(value, ast.Name) for key, value in named.items()
                                if key in ("description", "presets", "auto_preset")):
         return None
+    if "description" in named and named["description"].id != "__doc__":
+        return None
     arguments = dict(namespace=namespace, description=ast.get_docstring(tree, clean=False)
                      if "description" in named else None)
     if "presets" in named:

@@ -96,7 +96,7 @@ class StopRequests:
     @contextlib.contextmanager
     def at_once(self, step=None, seconds=0.0, epoch_saved=False):
         """A block that a signal interrupts with StopNow(step, seconds, epoch_saved) (at once if one is already
-        pending)."""
+        pending, and at its end if the signal's raise inside it was lost)."""
         if self.signal is not None:
             raise StopNow(step, seconds, epoch_saved)
         self._at_once = StopNow(step, seconds, epoch_saved)
@@ -104,6 +104,8 @@ class StopRequests:
             yield
         finally:
             self._at_once = None
+        if self.signal is not None:  # Its raise was lost: Python drops what a handler raises inside a `__del__`.
+            raise StopNow(step, seconds, epoch_saved)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

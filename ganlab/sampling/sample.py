@@ -44,16 +44,29 @@ class _Signalled(BaseException):
     what a layer raises) takes it for an error of its own."""
 
 
+# The signals received under `stopped_by_signals`. Its handler's raise can be lost: Python runs a handler between
+# any two bytecodes, inside a `__del__` too, whose exceptions it prints and drops; each batch looks here again.
+_received = []
+
+
+def _stop_if_signalled():
+    """Raise the stop of a signal received while sampling whose first raise was lost (see `_received`)."""
+    if _received:
+        raise _Signalled(_received[0])
+
+
 @contextlib.contextmanager
 def stopped_by_signals(doing):
     """While active, SIGTERM and SIGINT stop `doing` at once, in one line: the with-blocks it unwinds
     remove their temporaries, so nothing half-written stays (exit 128 + signal)."""
     def handle(signum, frame):
+        _received.append(signum)
         raise _Signalled(signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received.clear()
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -62,6 +75,7 @@ def stopped_by_signals(doing):
         raise TrainingStopped(f"{signal.Signals(signum).name}: stopped {doing}; nothing half-written was left",
                               128 + signum) from None
     finally:
+        _received.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -130,9 +144,11 @@ def sample_images(generator, noise, labels=None, batch_size=500):
     (mixtures of two classes too, for morphing); an unconditional one ignores them.
     """
     conditional = len(generator.inputs) == 2
-    outputs = [generator([noise[i:i + batch_size], labels[i:i + batch_size]] if conditional
-                         else noise[i:i + batch_size], training=False).numpy()
-               for i in range(0, len(noise), batch_size)]
+    outputs = []
+    for i in range(0, len(noise), batch_size):
+        _stop_if_signalled()
+        outputs.append(generator([noise[i:i + batch_size], labels[i:i + batch_size]] if conditional
+                                 else noise[i:i + batch_size], training=False).numpy())
     return np.concatenate(outputs)
 
 

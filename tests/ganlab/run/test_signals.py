@@ -3,9 +3,11 @@ one line, the epoch's checkpoint saved and the command that resumes; the resumed
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, as_from_a_terminal
@@ -78,3 +80,54 @@ def test_a_signal_while_a_folders_classifier_trains_loses_nothing(tmp_path, mnis
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "classifier epoch 4/4" in resumed.stdout  # Its progress, a line an epoch.
     assert [e["epoch"] for e in json.loads((run_dir / "history.json").read_text())["evaluations"]] == [1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The raise lost in __del__.
+def test_a_signal_whose_first_raise_is_lost_still_stops_sampling_at_the_next_batch():
+    """Python runs a signal's handler between any two bytecodes, inside a `__del__` too, where the stop it raises is
+    printed and dropped: a SIGINT during --generate once went unheeded (the bad-input family's DCGAN case, on a
+    busy machine). The next batch stops it."""
+    from ganlab import tf
+    from ganlab.errors import TrainingStopped
+    from ganlab.sampling import sample
+
+    class SignalledWhileDropped:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    batches = []
+
+    class Generator:
+        inputs = [None]
+
+        def __call__(self, noise, training=False):
+            batches.append(len(noise))
+            if len(batches) == 1:
+                SignalledWhileDropped()  # Dropped at once: the handler's raise happens in its __del__, and is lost.
+            return tf.zeros((len(noise), 2, 2, 1))
+
+    with pytest.raises(TrainingStopped) as stopped:
+        with sample.stopped_by_signals("--generate"):
+            sample.sample_images(Generator(), np.zeros((30, 4), np.float32), batch_size=10)
+    assert batches == [10] and stopped.value.exit_status == 128 + signal.SIGINT
+    assert sample._received == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The raise lost in __del__.
+def test_a_signal_whose_raise_is_lost_in_an_evaluation_still_stops_the_run_after_it():
+    """The same in training: a SIGINT in the closing outputs once let the run print Done and exit 0. A block that
+    a signal stops at once (the evaluation, the closing outputs) stops at its end if the raise was lost."""
+    from ganlab.run.stopping import StopNow, StopRequests
+
+    class SignalledWhileDropped:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    finished = []
+    with StopRequests() as requests, pytest.raises(StopNow) as stopped:
+        with requests.at_once(step=7, seconds=1.5):
+            SignalledWhileDropped()  # Its __del__ gets the signal; the handler's StopNow is lost there.
+            finished.append(True)
+    assert finished == [True] and requests.signal == signal.SIGINT
+    assert (stopped.value.step, stopped.value.seconds) == (7, 1.5)
+
