@@ -57,7 +57,7 @@ def is_out_of_space(error):
 @contextlib.contextmanager
 def out_of_memory(doing, sizes):
     """Turn running out of memory while `doing` into one UsageError naming the `sizes` to reduce (exit 2)."""
-    import tensorflow as tf  # Not at the top: the command line is checked without it (flags.py).
+    import tensorflow as tf  # Not at the top: the command line is checked before it loads (configurator.answer_early).
 
     try:
         yield
