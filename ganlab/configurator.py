@@ -37,8 +37,8 @@ from ganlab.run import directory as run_directory
 from ganlab.run.directory import RunDirectory
 
 # A constant in a script's block: NAME = value  # comment (the comment becomes the flag's help).
-_CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
 _CONSTANT_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+_CONSTANT_LINE = re.compile(rf"^({_CONSTANT_NAME.pattern})\s*=\s*(?!=)[^#]*?(?:#\s*(.*))?$")
 
 # Checks for the hyperparameters both scripts use, applied to whichever a script defines.
 _CHECKS = {
